@@ -1,0 +1,42 @@
+"""ConstrainedSpeed-v0: a cheap constrained task for the learning tests of all three algorithms.
+
+Each of the 20 steps the agent picks a speed in [-1, 1]. The reward is the speed, and a speed
+above 0.5 costs 1. The unconstrained optimum (always full speed) earns 20 with cost 20; under an
+episodic cost limit d the best policy drives at 0.5 and spends the budget on d fast steps.
+The observation is (1, fraction of the episode left). The cost is reported in info["cost"], so
+the scripts load it as `--env-id tests.constrained_speed:ConstrainedSpeed-v0`.
+"""
+
+import gymnasium as gym
+import numpy as np
+
+EPISODE_LENGTH = 20
+FAST_SPEED = 0.5
+
+
+class ConstrainedSpeedEnv(gym.Env):
+    metadata = {"render_modes": []}
+
+    def __init__(self, render_mode=None):
+        self.observation_space = gym.spaces.Box(0.0, 1.0, shape=(2,), dtype=np.float32)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, shape=(1,), dtype=np.float32)
+        self.render_mode = render_mode
+        self.steps_taken = 0
+
+    def _observation(self):
+        return np.array([1.0, 1.0 - self.steps_taken / EPISODE_LENGTH], dtype=np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.steps_taken = 0
+        return self._observation(), {}
+
+    def step(self, action):
+        speed = float(np.clip(action[0], -1.0, 1.0))
+        self.steps_taken += 1
+        cost = float(speed > FAST_SPEED)
+        terminated = self.steps_taken >= EPISODE_LENGTH
+        return self._observation(), speed, terminated, False, {"cost": cost}
+
+
+gym.register(id="ConstrainedSpeed-v0", entry_point=ConstrainedSpeedEnv, max_episode_steps=EPISODE_LENGTH)
