@@ -3,8 +3,9 @@
 Each of the 20 steps the agent picks a speed in [-1, 1]. The reward is the speed, and a speed
 above 0.5 costs 1. The unconstrained optimum (always full speed) earns 20 with cost 20; under an
 episodic cost limit d the best policy drives at 0.5 and spends the budget on d fast steps.
-The observation is (1, fraction of the episode left). The cost is reported in info["cost"], so
-the scripts load it as `--env-id tests.constrained_speed:ConstrainedSpeed-v0`.
+Like the Safety-Gymnasium tasks, episodes end by time-limit truncation, never by termination,
+and the observation is stationary. The cost is reported in info["cost"], so the scripts load
+the task as `--env-id tests.constrained_speed:ConstrainedSpeed-v0`.
 """
 
 import gymnasium as gym
@@ -21,22 +22,15 @@ class ConstrainedSpeedEnv(gym.Env):
         self.observation_space = gym.spaces.Box(0.0, 1.0, shape=(2,), dtype=np.float32)
         self.action_space = gym.spaces.Box(-1.0, 1.0, shape=(1,), dtype=np.float32)
         self.render_mode = render_mode
-        self.steps_taken = 0
-
-    def _observation(self):
-        return np.array([1.0, 1.0 - self.steps_taken / EPISODE_LENGTH], dtype=np.float32)
 
     def reset(self, *, seed=None, options=None):
         super().reset(seed=seed)
-        self.steps_taken = 0
-        return self._observation(), {}
+        return np.array([1.0, 0.0], dtype=np.float32), {}
 
     def step(self, action):
         speed = float(np.clip(action[0], -1.0, 1.0))
-        self.steps_taken += 1
         cost = float(speed > FAST_SPEED)
-        terminated = self.steps_taken >= EPISODE_LENGTH
-        return self._observation(), speed, terminated, False, {"cost": cost}
+        return np.array([1.0, 0.0], dtype=np.float32), speed, False, False, {"cost": cost}
 
 
 gym.register(id="ConstrainedSpeed-v0", entry_point=ConstrainedSpeedEnv, max_episode_steps=EPISODE_LENGTH)
