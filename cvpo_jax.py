@@ -1,7 +1,9 @@
 # CVPO: Constrained Variational Policy Optimization (Liu et al., ICML 2022, arXiv:2201.11927).
 # Docs: README.md, section "cvpo_jax.py". One file, jitted end to end: critics, E-step, M-step.
+import contextlib
 import dataclasses
 import difflib
+import io
 import json
 import os
 import pickle
@@ -20,7 +22,8 @@ def import_safety_gymnasium():
 
     Its asset dataclasses use numpy arrays as field defaults, which Python 3.11 rejects
     ("mutable default ... use default_factory"). While it imports, such defaults become
-    default_factory fields; upstream fixed this after 1.0.0.
+    default_factory fields; upstream fixed this after 1.0.0. The import also prints a notice about
+    gymnasium-robotics' Adroit tasks, which this project does not use; it is silenced.
     """
     original_dataclass = dataclasses.dataclass
 
@@ -35,7 +38,7 @@ def import_safety_gymnasium():
 
     dataclasses.dataclass = dataclass_with_array_defaults
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             import mujoco
             import safety_gymnasium

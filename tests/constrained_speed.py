@@ -18,10 +18,11 @@ FAST_SPEED = 0.5
 class ConstrainedSpeedEnv(gym.Env):
     metadata = {"render_modes": []}
 
-    def __init__(self, render_mode=None):
+    def __init__(self, render_mode=None, nan_reward_after=None):
         self.observation_space = gym.spaces.Box(0.0, 1.0, shape=(2,), dtype=np.float32)
         self.action_space = gym.spaces.Box(-1.0, 1.0, shape=(1,), dtype=np.float32)
         self.render_mode = render_mode
+        self.nan_reward_after, self.steps_taken = nan_reward_after, 0
 
     def reset(self, *, seed=None, options=None):
         super().reset(seed=seed)
@@ -30,7 +31,13 @@ class ConstrainedSpeedEnv(gym.Env):
     def step(self, action):
         speed = float(np.clip(action[0], -1.0, 1.0))
         cost = float(speed > FAST_SPEED)
+        self.steps_taken += 1
+        if self.nan_reward_after is not None and self.steps_taken > self.nan_reward_after:
+            speed = float("nan")
         return np.array([1.0, 0.0], dtype=np.float32), speed, False, False, {"cost": cost}
 
 
 gym.register(id="ConstrainedSpeed-v0", entry_point=ConstrainedSpeedEnv, max_episode_steps=EPISODE_LENGTH)
+# The same task with a broken reward (NaN from its 300th step on), to test how the scripts stop on NaN.
+gym.register(id="BrokenSpeed-v0", entry_point=ConstrainedSpeedEnv, max_episode_steps=EPISODE_LENGTH,
+             kwargs={"nan_reward_after": 300})

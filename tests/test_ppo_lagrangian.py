@@ -1,0 +1,188 @@
+"""Tests of ppo_lagrangian_jax.py: the scanned GAE, the multiplier updates, learning under a cost limit on the
+toy task, and SafetyPointGoal1 end to end through a checkpoint."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ppo_lagrangian_jax import compute_gae, gradient_lagrange_update, init_lagrange, pid_lagrange_update
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = str(REPO_ROOT / "ppo_lagrangian_jax.py")
+TOY_ENV = "tests.constrained_speed:ConstrainedSpeed-v0"
+
+
+def start_script(cwd, *flags):
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.Popen([sys.executable, SCRIPT, *flags], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def finish(process, timeout):
+    output, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, output[-3000:]
+    return output
+
+
+def read_metrics(cwd):
+    (path,) = Path(cwd).glob("runs/*/metrics.jsonl")
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def gae_loop(rewards, values, last_values, final_values, terminations, truncations, gamma, gae_lambda):
+    """Plain GAE, one env and one step at a time."""
+    num_steps, num_envs = rewards.shape
+    advantages = np.zeros((num_steps, num_envs))
+    for env in range(num_envs):
+        advantage = 0.0
+        for t in reversed(range(num_steps)):
+            if terminations[t, env]:
+                next_value = 0.0
+            elif truncations[t, env]:
+                next_value = final_values[t, env]
+            elif t == num_steps - 1:
+                next_value = last_values[env]
+            else:
+                next_value = values[t + 1, env]
+            if terminations[t, env] or truncations[t, env]:
+                advantage = 0.0
+            advantage = rewards[t, env] + gamma * next_value - values[t, env] + gamma * gae_lambda * advantage
+            advantages[t, env] = advantage
+    return advantages, advantages + values
+
+
+@pytest.mark.parametrize("signal", ["reward", "cost"])
+def test_scanned_gae_matches_python_loop(signal):
+    rng = np.random.default_rng(0 if signal == "reward" else 1)
+    num_steps, num_envs = 50, 4
+    if signal == "reward":
+        rewards = rng.normal(size=(num_steps, num_envs))
+    else:
+        rewards = (rng.random((num_steps, num_envs)) < 0.3).astype(float)
+    values, final_values = rng.normal(size=(2, num_steps, num_envs))
+    last_values = rng.normal(size=num_envs)
+    terminations = rng.random((num_steps, num_envs)) < 0.08
+    truncations = rng.random((num_steps, num_envs)) < 0.08  # some steps are both: the termination wins
+    inputs = [x.astype(np.float32) for x in (rewards, values, last_values, final_values, terminations, truncations)]
+    advantages, targets = compute_gae(*inputs, 0.99, 0.95)
+    expected_advantages, expected_targets = gae_loop(*inputs, 0.99, 0.95)
+    np.testing.assert_allclose(advantages, expected_advantages, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(targets, expected_targets, rtol=1e-5, atol=1e-5)
+
+
+def test_truncation_bootstraps_from_final_observation_termination_does_not():
+    # One env, two steps; the episode ends after step 0 and values[1] already belongs to the next episode.
+    rewards, values = np.array([[1.0], [0.0]], np.float32), np.array([[0.5], [100.0]], np.float32)
+    last_values, final_values = np.array([7.0], np.float32), np.array([[3.0], [0.0]], np.float32)
+    ended, running = np.array([[1.0], [0.0]], np.float32), np.zeros((2, 1), np.float32)
+    gamma = 0.9
+    truncated, _ = compute_gae(rewards, values, last_values, final_values, running, ended, gamma, 0.95)
+    terminated, _ = compute_gae(rewards, values, last_values, final_values, ended, running, gamma, 0.95)
+    assert float(truncated[0, 0]) == pytest.approx(1.0 + gamma * 3.0 - 0.5)
+    assert float(terminated[0, 0]) == pytest.approx(1.0 - 0.5)
+    assert float(truncated[1, 0]) == float(terminated[1, 0]) == pytest.approx(gamma * 7.0 - 100.0)
+
+
+def run_updates(method, lagrange, costs, cost_limit):
+    multipliers = []
+    for cost in costs:
+        if method == "gradient":
+            lagrange = gradient_lagrange_update(lagrange, cost, cost_limit, 0.035)
+        else:
+            lagrange = pid_lagrange_update(lagrange, cost, cost_limit, 0.05, 0.0005, 0.1)
+        multipliers.append(float(lagrange.multiplier))
+    return lagrange, np.array(multipliers)
+
+
+def test_gradient_multiplier_rises_above_limit_and_falls_to_zero_below():
+    _, rising = run_updates("gradient", init_lagrange(0.001, 0.035), [40.0] * 20, 25.0)
+    assert rising[0] > 0.001 and np.all(np.diff(rising) > 0)
+    _, falling = run_updates("gradient", init_lagrange(0.5, 0.035), [10.0] * 40, 25.0)
+    assert falling[0] < 0.5 and np.all(np.diff(falling) <= 0)
+    assert falling.min() == 0.0 and falling[-1] == 0.0  # projected, not negative
+
+
+def test_pid_multiplier_rises_above_limit_and_falls_to_zero_below():
+    lagrange, rising = run_updates("pid", init_lagrange(0.001, 0.035), [40.0] * 20, 25.0)
+    # The first update also carries the derivative kick (J_c - J_c,prev with J_c,prev = 0); then the integral climbs.
+    assert rising[0] > 0.001 and np.all(np.diff(rising[1:]) > 0)
+    _, falling = run_updates("pid", lagrange, [10.0] * 40, 25.0)
+    assert falling[0] < rising[-1] and np.all(np.diff(falling) <= 0)
+    assert falling.min() == 0.0 and falling[-1] == 0.0
+
+
+@pytest.mark.parametrize("method", ["gradient", "pid"])
+def test_zero_cost_limit_gives_finite_multipliers(method):
+    lagrange, multipliers = run_updates(method, init_lagrange(0.001, 0.035), [0.0, 0.0, 3.0, 0.0, 0.0], 0.0)
+    assert np.all(np.isfinite(multipliers)) and np.all(multipliers >= 0)
+    assert multipliers[2] > multipliers[1]  # any cost exceeds a zero budget
+    assert all(np.all(np.isfinite(np.asarray(leaf))) for leaf in
+               [lagrange.multiplier, lagrange.pid_integral, lagrange.pid_previous_cost])
+
+
+def episode_summary(records):
+    episodes = [r for r in records if "charts/episodic_return" in r]
+    assert len(episodes) >= 50
+    first, last = episodes[: len(episodes) // 10], episodes[-len(episodes) // 5:]
+    mean = lambda rows, name: float(np.mean([r[f"charts/episodic_{name}"] for r in rows]))
+    return {"first_return": mean(first, "return"), "last_return": mean(last, "return"),
+            "last_cost": mean(last, "cost"), "multiplier": [r for r in records if "charts/lagrange_multiplier" in r][-1]}
+
+
+def test_learns_on_toy_task_within_the_cost_limit(tmp_path):
+    """Tight (d = 5) and loose (d = 1000) budgets, in parallel: both improve; only the tight one stays under 5."""
+    flags = ["--env-id", TOY_ENV, "--no-async-envs", "--eval-every", "0", "--eval-episodes", "2", "--seed", "1",
+             "--num-envs", "8", "--num-steps", "64", "--total-timesteps", "40000", "--update-epochs", "10",
+             "--minibatch-size", "128", "--actor-lr", "3e-3", "--critic-lr", "3e-3", "--lagrange-lr", "0.1",
+             "--hidden-sizes", "32", "32"]
+    runs = {}
+    for name, cost_limit in [("tight", "5"), ("loose", "1000")]:
+        (tmp_path / name).mkdir()
+        runs[name] = start_script(tmp_path / name, *flags, "--cost-limit", cost_limit, "--exp-name", name)
+    for process in runs.values():
+        finish(process, timeout=240)
+    tight, loose = episode_summary(read_metrics(tmp_path / "tight")), episode_summary(read_metrics(tmp_path / "loose"))
+    print({"tight": tight, "loose": loose})
+    assert tight["last_return"] > tight["first_return"] + 2.0, tight
+    assert tight["last_cost"] <= 5.0, tight
+    assert loose["last_return"] > loose["first_return"] + 5.0, loose
+    assert loose["last_cost"] >= 10.0, loose
+
+
+def test_safety_point_goal_end_to_end_with_checkpoint_evaluation(tmp_path):
+    """A few thousand steps of SafetyPointGoal1 with --cost-limit 0, then --eval-checkpoint on what it saved."""
+    output = finish(start_script(
+        tmp_path, "--env-id", "SafetyPointGoal1-v0", "--num-envs", "2", "--num-steps", "1000",
+        "--total-timesteps", "4000", "--cost-limit", "0", "--save-model", "--checkpoint-every", "2000",
+        "--eval-episodes", "1", "--exp-name", "e2e"), timeout=150)
+    assert "eval return" in output
+    records = read_metrics(tmp_path)
+    for record in records:
+        assert all(np.isfinite(value) for value in record.values()), record
+    updates = [r for r in records if "charts/lagrange_multiplier" in r]
+    assert [r["global_step"] for r in updates] == [2000, 4000]
+    for name in ["losses/policy", "losses/value_reward", "losses/value_cost", "losses/entropy", "losses/approx_kl",
+                 "charts/SPS"]:
+        assert name in updates[-1]
+    assert any("eval/episodic_return" in r for r in records)
+    assert sum(r["charts/episodic_length"] == 1000 for r in records if "charts/episodic_length" in r) >= 2
+
+    (checkpoint_path,) = tmp_path.glob("runs/*/checkpoints/checkpoint.pkl")
+    with open(checkpoint_path, "rb") as file:
+        checkpoint = pickle.load(file)
+    assert {"args", "run_name", "global_step", "key", "state"} <= set(checkpoint)
+    assert checkpoint["global_step"] == 4000
+    assert {"actor", "reward_critic", "cost_critic", "obs_normalizer", "lagrange"} <= set(checkpoint["state"])
+    assert checkpoint["state"]["obs_normalizer"]["count"] > 4000
+
+    output = finish(start_script(tmp_path, "--eval-checkpoint", str(checkpoint_path), "--eval-episodes", "1"),
+                    timeout=90)
+    result = json.loads(output.strip().splitlines()[-1])
+    assert result["global_step"] == 4000 and result["episodes"] == 1
+    assert np.isfinite(result["eval/episodic_return"]) and result["eval/episodic_cost"] >= 0
