@@ -563,6 +563,12 @@ def evaluate(actor, actor_params, env_thunk, episodes, seed):
     return float(np.mean(returns)), float(np.mean(costs))
 
 
+def evaluation_metrics(mean_return, mean_cost, cost_limit):
+    """The sweeps maximise the penalized return: each unit of cost above the limit costs one unit of return."""
+    return {"eval/episodic_return": mean_return, "eval/episodic_cost": mean_cost,
+            "eval/penalized_return": mean_return - max(0.0, mean_cost - cost_limit)}
+
+
 def main(args):
     validate_args(args)
     checkpoint = None
@@ -588,6 +594,9 @@ def main(args):
         if not args.episode_length:
             fail(f"{args.env_id} has no max_episode_steps; pass --episode-length for the cost threshold")
     probe_env.close()
+    if not args.eval_checkpoint:  # forked env workers must start before JAX starts its threads
+        envs_class = gym.vector.AsyncVectorEnv if args.async_envs and args.num_envs > 1 else gym.vector.SyncVectorEnv
+        envs = envs_class([make_env(args.env_id, args.seed + i) for i in range(args.num_envs)])
     eval_render_mode = "rgb_array" if args.capture_video else None
 
     def eval_env_thunk(name):
@@ -614,8 +623,6 @@ def main(args):
         print(json.dumps(result))
         return result
 
-    envs_class = gym.vector.AsyncVectorEnv if args.async_envs and args.num_envs > 1 else gym.vector.SyncVectorEnv
-    envs = envs_class([make_env(args.env_id, args.seed + i) for i in range(args.num_envs)])
     buffer = ReplayBuffer(args.buffer_size, args.num_envs, obs_dim, action_dim)
     rng = np.random.default_rng(args.seed)
     global_step = 0
@@ -694,7 +701,7 @@ def main(args):
             if args.eval_every and global_step // args.eval_every > previous_step // args.eval_every:
                 mean_return, mean_cost = evaluate(actor, state.actor.params, eval_env_thunk(f"step{global_step}"),
                                                   args.eval_episodes, args.seed + 10_000)
-                logger.log({"eval/episodic_return": mean_return, "eval/episodic_cost": mean_cost}, global_step)
+                logger.log(evaluation_metrics(mean_return, mean_cost, args.cost_limit), global_step)
             if args.save_model and global_step // args.checkpoint_every > previous_step // args.checkpoint_every:
                 write_checkpoint(state, global_step)
     except KeyboardInterrupt:
@@ -707,7 +714,7 @@ def main(args):
     envs.close()
     mean_return, mean_cost = evaluate(actor, state.actor.params, eval_env_thunk("final"), args.eval_episodes,
                                       args.seed + 10_000)
-    logger.log({"eval/episodic_return": mean_return, "eval/episodic_cost": mean_cost}, global_step)
+    logger.log(evaluation_metrics(mean_return, mean_cost, args.cost_limit), global_step)
     if args.save_model:
         print(f"checkpoint written to {write_checkpoint(state, global_step)}")
     logger.close()
