@@ -619,7 +619,7 @@ def main(args):
         mean_return, mean_cost = evaluate(actor, actor_params, eval_env_thunk("checkpoint"), args.eval_episodes,
                                           args.seed + 10_000)
         result = {"checkpoint": args.eval_checkpoint, "global_step": checkpoint["global_step"],
-                  "episodes": args.eval_episodes, "eval/episodic_return": mean_return, "eval/episodic_cost": mean_cost}
+                  "episodes": args.eval_episodes, **evaluation_metrics(mean_return, mean_cost, args.cost_limit)}
         print(json.dumps(result))
         return result
 
@@ -634,8 +634,8 @@ def main(args):
     logger = MetricsLogger(run_dir, args, run_name)
     checkpoint_path = os.path.join(run_dir, "checkpoints", "checkpoint.pkl")
 
-    def write_checkpoint(agent_state, step, path=checkpoint_path):
-        return save_checkpoint(path, {
+    def write_checkpoint(agent_state, step):
+        return save_checkpoint(checkpoint_path, {
             "args": vars(args), "run_name": run_name, "global_step": step, "key": np.asarray(key),
             "state": flax.serialization.to_state_dict(jax.device_get(agent_state)), "buffer": buffer.data,
             "buffer_position": buffer.position, "buffer_full": buffer.full, "rng_state": rng.bit_generator.state})
@@ -707,7 +707,8 @@ def main(args):
     except KeyboardInterrupt:
         path = write_checkpoint(state, global_step)
         progress.close()
-        envs.close()
+        with contextlib.suppress(Exception):  # on Ctrl-C the env workers were interrupted too
+            envs.close(terminate=True)
         logger.close()
         sys.exit(f"interrupted at global step {global_step}; resume with --resume {path}")
     progress.close()
