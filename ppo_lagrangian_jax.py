@@ -1,8 +1,10 @@
 # PPO-Lagrangian: PPO whose advantage trades reward against cost with a multiplier lambda learned from the
 # episodic cost (Ray, Achiam & Amodei 2019, "Benchmarking Safe Exploration in Deep RL"); optional PID update of
 # lambda (Stooke, Achiam & Abbeel, ICML 2020, arXiv:2007.03964). Docs: README.md, section "ppo_lagrangian_jax.py".
+import contextlib
 import dataclasses
 import difflib
+import io
 import json
 import os
 import pickle
@@ -21,7 +23,8 @@ def import_safety_gymnasium():
 
     Its asset dataclasses use numpy arrays as field defaults, which Python 3.11 rejects
     ("mutable default ... use default_factory"). While it imports, such defaults become
-    default_factory fields; upstream fixed this after 1.0.0.
+    default_factory fields; upstream fixed this after 1.0.0. The import also prints a notice about
+    gymnasium-robotics' Adroit tasks, which this project does not use; it is silenced.
     """
     original_dataclass = dataclasses.dataclass
 
@@ -36,7 +39,7 @@ def import_safety_gymnasium():
 
     dataclasses.dataclass = dataclass_with_array_defaults
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             import mujoco
             import safety_gymnasium
@@ -376,40 +379,37 @@ def gaussian_kl(mean_old, log_std_old, mean, log_std):
 
 
 def make_train_iteration(args, actor, value_network):
-    # The policy's learning rate is a hyperparameter of its optimiser state, so annealing it needs no recompile.
+    # The policy's learning rate lives in its optimiser state, so annealing it needs no recompilation.
     actor_tx = optax.inject_hyperparams(lambda learning_rate: optax.chain(
         optax.clip_by_global_norm(args.max_grad_norm), optax.adam(learning_rate)))(learning_rate=args.actor_lr)
     critic_tx = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.adam(args.critic_lr))
     batch_size = args.num_steps * args.num_envs
     num_minibatches = batch_size // args.minibatch_size
 
-    def init_state(key, obs_dim, action_dim):
+    def init_state(key, obs_dim):
         actor_key, reward_key, cost_key = jax.random.split(key, 3)
         dummy_obs = jnp.zeros((1, obs_dim))
+        critic = lambda critic_key: TrainState.create(apply_fn=value_network.apply, tx=critic_tx,
+                                                      params=value_network.init(critic_key, dummy_obs))
         return PPOLagState(
             actor=TrainState.create(apply_fn=actor.apply, params=actor.init(actor_key, dummy_obs), tx=actor_tx),
-            reward_critic=TrainState.create(apply_fn=value_network.apply, params=value_network.init(reward_key, dummy_obs),
-                                            tx=critic_tx),
-            cost_critic=TrainState.create(apply_fn=value_network.apply, params=value_network.init(cost_key, dummy_obs),
-                                          tx=critic_tx),
+            reward_critic=critic(reward_key), cost_critic=critic(cost_key),
             obs_normalizer=ObsNormalizer(mean=jnp.zeros(obs_dim), var=jnp.ones(obs_dim), count=jnp.asarray(1e-4)),
             lagrange=init_lagrange(args.lagrange_init, args.lagrange_lr))
 
-    def loss_fn(params, minibatch):
+    def loss_fn(params, batch):
         actor_params, reward_params, cost_params = params
-        mean, log_std = actor.apply(actor_params, minibatch["obs"])
-        ratio = jnp.exp(gaussian_log_prob(minibatch["actions"], mean, log_std) - minibatch["logprobs"])
-        advantages = minibatch["advantages"]
+        mean, log_std = actor.apply(actor_params, batch["obs"])
+        ratio = jnp.exp(gaussian_log_prob(batch["actions"], mean, log_std) - batch["logprobs"])
         clipped_ratio = jnp.clip(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
-        policy_loss = -jnp.mean(jnp.minimum(ratio * advantages, clipped_ratio * advantages))
+        policy_loss = -jnp.mean(jnp.minimum(ratio * batch["advantages"], clipped_ratio * batch["advantages"]))
         entropy = jnp.mean(jnp.sum(log_std + 0.5 * jnp.log(2 * jnp.pi * jnp.e), axis=-1))
-        value_reward_loss = jnp.mean((value_network.apply(reward_params, minibatch["obs"]) - minibatch["reward_targets"]) ** 2)
-        value_cost_loss = jnp.mean((value_network.apply(cost_params, minibatch["obs"]) - minibatch["cost_targets"]) ** 2)
+        reward_loss = jnp.mean((value_network.apply(reward_params, batch["obs"]) - batch["reward_targets"]) ** 2)
+        cost_loss = jnp.mean((value_network.apply(cost_params, batch["obs"]) - batch["cost_targets"]) ** 2)
         weight_norm = sum(jnp.sum(w**2) for w in jax.tree.leaves((reward_params, cost_params)))
-        loss = policy_loss - args.ent_coef * entropy + value_reward_loss + value_cost_loss + args.critic_l2_coef * weight_norm
-        return loss, {"losses/policy": policy_loss, "losses/value_reward": value_reward_loss,
-                      "losses/value_cost": value_cost_loss, "losses/entropy": entropy,
-                      "losses/clipfrac": jnp.mean(jnp.abs(ratio - 1) > args.clip_coef)}
+        loss = policy_loss - args.ent_coef * entropy + reward_loss + cost_loss + args.critic_l2_coef * weight_norm
+        return loss, {"losses/policy": policy_loss, "losses/value_reward": reward_loss, "losses/value_cost": cost_loss,
+                      "losses/entropy": entropy, "losses/clipfrac": jnp.mean(jnp.abs(ratio - 1) > args.clip_coef)}
 
     def train_minibatch(state, minibatch):
         params = (state.actor.params, state.reward_critic.params, state.cost_critic.params)
@@ -421,40 +421,43 @@ def make_train_iteration(args, actor, value_network):
 
     def train_epoch(state, batch, key):
         order = jax.random.permutation(key, batch_size)[: num_minibatches * args.minibatch_size]
-        minibatches = jax.tree.map(lambda x: x[order].reshape(num_minibatches, args.minibatch_size, *x.shape[1:]), batch)
+        minibatches = jax.tree.map(lambda x: x[order].reshape(num_minibatches, args.minibatch_size, *x.shape[1:]),
+                                   batch)
         state, metrics = jax.lax.scan(train_minibatch, state, minibatches)
         return state, jax.tree.map(jnp.mean, metrics)
 
     @jax.jit
     def train_iteration(state, rollout, learning_rate, key):
-        """Advantages of one rollout, then up to update_epochs shuffled passes, stopping once the KL passes target_kl."""
-        gae = lambda signal: compute_gae(rollout[f"{signal}s"], rollout[f"values_{signal}"],
-                                         rollout[f"last_values_{signal}"], rollout[f"final_values_{signal}"],
-                                         rollout["terminations"], rollout["truncations"], args.gamma, args.gae_lambda)
+        """GAE on one rollout, then up to update_epochs shuffled passes over it, until the KL passes target_kl."""
+        gae = lambda signal: compute_gae(
+            rollout[f"{signal}s"], rollout[f"values_{signal}"], rollout[f"last_values_{signal}"],
+            rollout[f"final_values_{signal}"], rollout["terminations"], rollout["truncations"], args.gamma,
+            args.gae_lambda)
         (reward_advantages, reward_targets), (cost_advantages, cost_targets) = gae("reward"), gae("cost")
         # As SafePO/OmniSafe: reward advantages standardised, cost advantages only centred, so lambda keeps its scale.
         reward_advantages = (reward_advantages - reward_advantages.mean()) / (reward_advantages.std() + 1e-8)
         cost_advantages = cost_advantages - cost_advantages.mean()
         multiplier = state.lagrange.multiplier
         flat = lambda x: x.reshape(batch_size, *x.shape[2:])
-        batch = {"obs": flat(rollout["obs"]), "actions": flat(rollout["actions"]), "logprobs": flat(rollout["logprobs"]),
-                 "advantages": flat((reward_advantages - multiplier * cost_advantages) / (1 + multiplier)),
-                 "reward_targets": flat(reward_targets), "cost_targets": flat(cost_targets)}
-        hyperparams = {**state.actor.opt_state.hyperparams, "learning_rate": learning_rate}
-        state = state.replace(actor=state.actor.replace(opt_state=state.actor.opt_state._replace(hyperparams=hyperparams)))
+        batch = {name: flat(rollout[name]) for name in ["obs", "actions", "logprobs"]}
+        batch |= {"advantages": flat((reward_advantages - multiplier * cost_advantages) / (1 + multiplier)),
+                  "reward_targets": flat(reward_targets), "cost_targets": flat(cost_targets)}
+        opt_state = state.actor.opt_state
+        opt_state = opt_state._replace(hyperparams={**opt_state.hyperparams, "learning_rate": learning_rate})
+        state = state.replace(actor=state.actor.replace(opt_state=opt_state))
         mean_old, log_std_old = actor.apply(state.actor.params, batch["obs"])
-        metric_shapes = jax.eval_shape(train_epoch, state, batch, key)[1]
+        no_metrics = jax.tree.map(jnp.zeros_like, jax.eval_shape(train_epoch, state, batch, key)[1])
 
         def run_epoch(carry, epoch_key):
             state, kl, stopped = carry
 
             def train(state):
                 state, metrics = train_epoch(state, batch, epoch_key)
-                return state, metrics, jnp.mean(gaussian_kl(mean_old, log_std_old, *actor.apply(state.actor.params, batch["obs"])))
+                kl = jnp.mean(gaussian_kl(mean_old, log_std_old, *actor.apply(state.actor.params, batch["obs"])))
+                return state, metrics, kl
 
-            # Early stopping inside a scan: once the KL bound is passed, the remaining epochs leave the state alone.
-            skip = lambda state: (state, jax.tree.map(jnp.zeros_like, metric_shapes), kl)
-            state, metrics, kl = jax.lax.cond(stopped, skip, train, state)
+            # Early stopping inside a scan: once the KL has passed its bound, the remaining epochs change nothing.
+            state, metrics, kl = jax.lax.cond(stopped, lambda state: (state, no_metrics, kl), train, state)
             return (state, kl, stopped | (kl > args.target_kl)), (metrics, ~stopped)
 
         (state, kl, _), (metrics, trained) = jax.lax.scan(
@@ -476,14 +479,20 @@ def evaluate(actor, actor_params, obs_normalizer, env_thunk, episodes, seed):
         obs, _ = env.reset(seed=seed + episode)
         done, episode_return, episode_cost = False, 0.0, 0.0
         while not done:
-            action = np.clip(np.asarray(policy(actor_params, obs_normalizer, obs[None].astype(np.float32)))[0], low, high)
-            obs, reward, terminated, truncated, info = env.step(action)
+            action = np.asarray(policy(actor_params, obs_normalizer, obs[None].astype(np.float32)))[0]
+            obs, reward, terminated, truncated, info = env.step(np.clip(action, low, high))
             episode_return, episode_cost = episode_return + reward, episode_cost + info["cost"]
             done = terminated or truncated
         returns.append(episode_return)
         costs.append(episode_cost)
     env.close()
     return float(np.mean(returns)), float(np.mean(costs))
+
+
+def evaluation_metrics(mean_return, mean_cost, cost_limit):
+    """The sweeps maximise the penalized return: each unit of cost above the limit costs one unit of return."""
+    return {"eval/episodic_return": mean_return, "eval/episodic_cost": mean_cost,
+            "eval/penalized_return": mean_return - max(0.0, mean_cost - cost_limit)}
 
 
 def main(args):
@@ -507,6 +516,9 @@ def main(args):
     obs_dim, action_dim = probe_env.observation_space.shape[0], probe_env.action_space.shape[0]
     action_low, action_high = probe_env.action_space.low, probe_env.action_space.high
     probe_env.close()
+    if not args.eval_checkpoint:  # forked env workers must start before JAX starts its threads
+        envs_class = gym.vector.AsyncVectorEnv if args.async_envs and args.num_envs > 1 else gym.vector.SyncVectorEnv
+        envs = envs_class([make_env(args.env_id, args.seed + i) for i in range(args.num_envs)])
     eval_render_mode = "rgb_array" if args.capture_video else None
 
     def eval_env_thunk(name):
@@ -521,19 +533,17 @@ def main(args):
     train_iteration, init_state = make_train_iteration(args, actor, value_network)
     key = jax.random.PRNGKey(args.seed)
     key, init_key = jax.random.split(key)
-    state = init_state(init_key, obs_dim, action_dim)
+    state = init_state(init_key, obs_dim)
 
     if args.eval_checkpoint:
         state = flax.serialization.from_state_dict(state, checkpoint["state"])
         mean_return, mean_cost = evaluate(actor, state.actor.params, state.obs_normalizer,
                                           eval_env_thunk("checkpoint"), args.eval_episodes, args.seed + 10_000)
         result = {"checkpoint": args.eval_checkpoint, "global_step": checkpoint["global_step"],
-                  "episodes": args.eval_episodes, "eval/episodic_return": mean_return, "eval/episodic_cost": mean_cost}
+                  "episodes": args.eval_episodes, **evaluation_metrics(mean_return, mean_cost, args.cost_limit)}
         print(json.dumps(result))
         return result
 
-    envs_class = gym.vector.AsyncVectorEnv if args.async_envs and args.num_envs > 1 else gym.vector.SyncVectorEnv
-    envs = envs_class([make_env(args.env_id, args.seed + i) for i in range(args.num_envs)])
     global_step = 0
     if checkpoint is not None:
         state = flax.serialization.from_state_dict(state, checkpoint["state"])
@@ -541,9 +551,9 @@ def main(args):
     logger = MetricsLogger(run_dir, args, run_name)
     checkpoint_path = os.path.join(run_dir, "checkpoints", "checkpoint.pkl")
 
-    def write_checkpoint(agent_state, step, agent_key, path=checkpoint_path):
-        return save_checkpoint(path, {
-            "args": vars(args), "run_name": run_name, "global_step": step, "key": np.asarray(agent_key),
+    def write_checkpoint(agent_state, step):
+        return save_checkpoint(checkpoint_path, {
+            "args": vars(args), "run_name": run_name, "global_step": step, "key": np.asarray(key),
             "state": flax.serialization.to_state_dict(jax.device_get(agent_state))})
 
     if args.lagrangian_method == "pid":
@@ -553,11 +563,12 @@ def main(args):
         update_lagrange = jax.jit(lambda lagrange, episode_cost: gradient_lagrange_update(
             lagrange, episode_cost, args.cost_limit, args.lagrange_lr))
 
-    # Acting takes the networks' parameters alone: flattening the whole state, optimisers included, costs more.
+    # Acting gets the networks' parameters alone: flattening the whole state, optimisers included, costs more.
     @jax.jit
     def values(params, normalizer, obs):
+        _, reward_params, cost_params = params
         obs = normalize_obs(normalizer, obs)
-        return value_network.apply(params[1], obs), value_network.apply(params[2], obs)
+        return value_network.apply(reward_params, obs), value_network.apply(cost_params, obs)
 
     @jax.jit
     def act(params, normalizer, obs, key):
@@ -581,7 +592,6 @@ def main(args):
     recent = {"return": [], "cost": []}
     start_time, start_step = time.time(), global_step
     progress = tqdm(total=args.total_timesteps, initial=global_step, unit="step", disable=None)
-    last_update = (state, global_step, key)  # what an interrupt or a NaN saves: a partial rollout is dropped
     try:
         while global_step < args.total_timesteps:
             previous_step, rollout_episode_costs = global_step, []
@@ -589,10 +599,11 @@ def main(args):
             for step in range(args.num_steps):
                 normalizer, key, outputs = act(params, state.obs_normalizer, obs.astype(np.float32), key)
                 state = state.replace(obs_normalizer=normalizer)
-                (rollout["obs"][step], actions, rollout["logprobs"][step], rollout["values_reward"][step],
-                 rollout["values_cost"][step]) = jax.device_get(outputs)
-                rollout["actions"][step] = actions
-                next_obs, rewards, terminations, truncations, infos = envs.step(np.clip(actions, action_low, action_high))
+                for name, value in zip(["obs", "actions", "logprobs", "values_reward", "values_cost"],
+                                       jax.device_get(outputs)):
+                    rollout[name][step] = value
+                actions = np.clip(rollout["actions"][step], action_low, action_high)
+                next_obs, rewards, terminations, truncations, infos = envs.step(actions)
                 costs = step_costs(infos, args.num_envs)
                 ended = terminations | truncations
                 if truncations.any():  # bootstrap a time limit from the observation the reset replaced
@@ -621,19 +632,19 @@ def main(args):
                     progress.set_postfix(ret=f"{np.mean(recent['return']):.1f}", cost=f"{np.mean(recent['cost']):.1f}")
                     episode_returns[ended], episode_costs[ended], episode_lengths[ended] = 0.0, 0.0, 0
 
-            rollout["last_values_reward"], rollout["last_values_cost"] = values(params, state.obs_normalizer,
-                                                                                obs.astype(np.float32))
-            if rollout_episode_costs:  # lambda moves before the policy update; a rollout with no finished episode keeps it
+            last_values = values(params, state.obs_normalizer, obs.astype(np.float32))
+            rollout["last_values_reward"], rollout["last_values_cost"] = last_values
+            if rollout_episode_costs:  # lambda moves before the policy update; with no finished episode it stays
                 state = state.replace(lagrange=update_lagrange(state.lagrange, np.mean(rollout_episode_costs)))
             learning_rate = args.actor_lr * (1 - previous_step / args.total_timesteps if args.anneal_lr else 1)
             key, train_key = jax.random.split(key)
+            previous_state = state
             state, metrics = train_iteration(state, rollout, learning_rate, train_key)
             metrics = jax.device_get(metrics)
             for name, value in metrics.items():
                 if not np.isfinite(value):
-                    path = write_checkpoint(*last_update)
+                    path = write_checkpoint(previous_state, global_step)
                     fail(f"{name} became {value} at global step {global_step}; last finite state saved to {path}")
-            last_update = (state, global_step, key)
             sps = (global_step - start_step) / (time.time() - start_time)
             logger.log({**metrics, "charts/SPS": sps}, global_step)
             progress.set_postfix(ret=f"{np.mean(recent['return'] or [0]):.1f}",
@@ -643,22 +654,23 @@ def main(args):
                 mean_return, mean_cost = evaluate(actor, state.actor.params, state.obs_normalizer,
                                                   eval_env_thunk(f"step{global_step}"), args.eval_episodes,
                                                   args.seed + 10_000)
-                logger.log({"eval/episodic_return": mean_return, "eval/episodic_cost": mean_cost}, global_step)
+                logger.log(evaluation_metrics(mean_return, mean_cost, args.cost_limit), global_step)
             if args.save_model and global_step // args.checkpoint_every > previous_step // args.checkpoint_every:
-                write_checkpoint(state, global_step, key)
-    except KeyboardInterrupt:
-        path = write_checkpoint(*last_update)
+                write_checkpoint(state, global_step)
+    except KeyboardInterrupt:  # the partial rollout is dropped; a resumed run starts a fresh one
+        path = write_checkpoint(state, global_step)
         progress.close()
-        envs.close()
+        with contextlib.suppress(Exception):  # on Ctrl-C the env workers were interrupted too
+            envs.close(terminate=True)
         logger.close()
-        sys.exit(f"interrupted at global step {last_update[1]}; resume with --resume {path}")
+        sys.exit(f"interrupted at global step {global_step}; resume with --resume {path}")
     progress.close()
     envs.close()
     mean_return, mean_cost = evaluate(actor, state.actor.params, state.obs_normalizer, eval_env_thunk("final"),
                                       args.eval_episodes, args.seed + 10_000)
-    logger.log({"eval/episodic_return": mean_return, "eval/episodic_cost": mean_cost}, global_step)
+    logger.log(evaluation_metrics(mean_return, mean_cost, args.cost_limit), global_step)
     if args.save_model:
-        print(f"checkpoint written to {write_checkpoint(state, global_step, key)}")
+        print(f"checkpoint written to {write_checkpoint(state, global_step)}")
     logger.close()
     print(f"{run_name}: eval return {mean_return:.2f}, eval cost {mean_cost:.2f} over {args.eval_episodes} episodes")
     return state

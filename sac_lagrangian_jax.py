@@ -1,8 +1,10 @@
 # SAC-Lagrangian: Soft Actor-Critic (Haarnoja et al. 2018, arXiv:1812.05905) with a Lagrange multiplier on
-# the episodic cost, set by a PID controller (Stooke, Achiam, Abbeel, ICML 2020, arXiv:2007.03964) as in FSRL,
+# the episodic cost, set by a PID controller (Stooke, Achiam, Abbeel, ICML 2020, arXiv:2007.03964) with FSRL's gains,
 # or by gradient ascent. Docs: README.md, section "sac_lagrangian_jax.py". One file, every update jitted.
+import contextlib
 import dataclasses
 import difflib
+import io
 import json
 import os
 import pickle
@@ -21,7 +23,8 @@ def import_safety_gymnasium():
 
     Its asset dataclasses use numpy arrays as field defaults, which Python 3.11 rejects
     ("mutable default ... use default_factory"). While it imports, such defaults become
-    default_factory fields; upstream fixed this after 1.0.0.
+    default_factory fields; upstream fixed this after 1.0.0. The import also prints a notice about
+    gymnasium-robotics' Adroit tasks, which this project does not use; it is silenced.
     """
     original_dataclass = dataclasses.dataclass
 
@@ -36,7 +39,7 @@ def import_safety_gymnasium():
 
     dataclasses.dataclass = dataclass_with_array_defaults
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             import mujoco
             import safety_gymnasium
@@ -129,13 +132,15 @@ class Args:
     initial_alpha: float = 1.0
     """entropy temperature before the first update"""
     lagrangian_method: Literal["pid", "gradient"] = "pid"
-    """how lambda follows the mean cost of the episodes finished since the last round: pid (FSRL) or gradient (Adam)"""
+    """how lambda follows the mean cost of the episodes finished since the last round: pid controller or Adam"""
     pid_kp: float = 0.05
     """proportional gain of the PID multiplier"""
     pid_ki: float = 0.0005
     """integral gain of the PID multiplier"""
     pid_kd: float = 0.1
-    """derivative gain of the PID multiplier (on rises of the cost only)"""
+    """derivative gain of the PID multiplier (on rises of the smoothed cost only)"""
+    pid_cost_smoothing: float = 0.95
+    """per-episode EMA factor of the episodic cost seen by the P and D terms (0: the raw cost, as FSRL)"""
     lagrange_lr: float = 0.05
     """Adam rate of the gradient multiplier (one step per round with finished episodes)"""
 
@@ -356,7 +361,7 @@ class SACLagState:
     alpha_opt_state: optax.OptState
     lagrange: jax.Array  # lambda >= 0
     pid_integral: jax.Array  # pid only
-    pid_previous_error: jax.Array  # pid only
+    pid_smoothed_cost: jax.Array  # pid only
     lagrange_opt_state: optax.OptState  # gradient only
 
 
@@ -382,12 +387,19 @@ def critic_targets(batch, next_q_values, next_log_prob, alpha):
     return reward_target, cost_target
 
 
-def pid_lagrange(integral, previous_error, episodic_cost, cost_limit, kp, ki, kd):
-    """PID Lagrangian as in FSRL: lambda = [kp e + ki I + kd [e - e_prev]^+]^+, e = J_c - d, I = [I + e]^+."""
-    error = episodic_cost - cost_limit
-    integral = jnp.maximum(0.0, integral + error)
-    lagrange = jnp.maximum(0.0, kp * error + ki * integral + kd * jnp.maximum(0.0, error - previous_error))
-    return lagrange, integral, error
+def pid_lagrange(integral, smoothed_cost, episodic_cost, num_episodes, cost_limit, kp, ki, kd, smoothing):
+    """PID Lagrangian (Stooke et al. 2020): lambda = [kp (S - d) + ki I + kd [S - S_prev]^+]^+.
+
+    I = [I + J_c - d]^+ integrates J_c, the mean cost of the episodes since the last step; the P and D terms
+    see S, an exponential moving average over episodes (started at d), so that the noise of a few episodes
+    does not flip lambda. smoothing 0 is FSRL's controller.
+    """
+    weight_kept = smoothing**num_episodes
+    new_smoothed_cost = weight_kept * smoothed_cost + (1 - weight_kept) * episodic_cost
+    integral = jnp.maximum(0.0, integral + episodic_cost - cost_limit)
+    lagrange = jnp.maximum(0.0, kp * (new_smoothed_cost - cost_limit) + ki * integral
+                           + kd * jnp.maximum(0.0, new_smoothed_cost - smoothed_cost))
+    return lagrange, integral, new_smoothed_cost
 
 
 def make_train_functions(args, actor, critic, action_scale, action_bias, action_dim):
@@ -400,12 +412,13 @@ def make_train_functions(args, actor, critic, action_scale, action_bias, action_
         return squashed_gaussian_sample(mean, log_std, key, action_scale, action_bias)
 
     @jax.jit
-    def update_multiplier(state, episodic_cost):
-        """One step of lambda from the mean cost of the episodes finished since the last step."""
+    def update_multiplier(state, episodic_cost, num_episodes):
+        """One step of lambda from the mean cost of the num_episodes episodes finished since the last step."""
         if args.lagrangian_method == "pid":
-            lagrange, integral, error = pid_lagrange(state.pid_integral, state.pid_previous_error, episodic_cost,
-                                                     args.cost_limit, args.pid_kp, args.pid_ki, args.pid_kd)
-            return state.replace(lagrange=lagrange, pid_integral=integral, pid_previous_error=error), {}
+            lagrange, integral, smoothed_cost = pid_lagrange(
+                state.pid_integral, state.pid_smoothed_cost, episodic_cost, num_episodes, args.cost_limit,
+                args.pid_kp, args.pid_ki, args.pid_kd, args.pid_cost_smoothing)
+            return state.replace(lagrange=lagrange, pid_integral=integral, pid_smoothed_cost=smoothed_cost), {}
         # Gradient descent on -lambda (J_c - d): lambda rises while the cost exceeds the limit.
         lagrange_loss = -state.lagrange * (episodic_cost - args.cost_limit)
         update, opt_state = lagrange_optimizer.update(-(episodic_cost - args.cost_limit), state.lagrange_opt_state)
@@ -475,7 +488,8 @@ def make_train_functions(args, actor, critic, action_scale, action_bias, action_
             critic=TrainState.create(apply_fn=critic.apply, params=critic_params, tx=optax.adam(args.critic_lr)),
             target_critic_params=critic_params,
             log_alpha=log_alpha, alpha_opt_state=alpha_optimizer.init(log_alpha),
-            lagrange=zero, pid_integral=zero, pid_previous_error=zero, lagrange_opt_state=lagrange_optimizer.init(zero))
+            lagrange=zero, pid_integral=zero, pid_smoothed_cost=jnp.asarray(args.cost_limit, jnp.float32),
+            lagrange_opt_state=lagrange_optimizer.init(zero))
 
     return init_state, update_multiplier, train_round
 
@@ -496,6 +510,12 @@ def evaluate(policy, actor_params, env_thunk, episodes, seed):
         costs.append(episode_cost)
     env.close()
     return float(np.mean(returns)), float(np.mean(costs))
+
+
+def evaluation_metrics(mean_return, mean_cost, cost_limit):
+    """The sweeps maximise the penalized return: each unit of cost above the limit costs one unit of return."""
+    return {"eval/episodic_return": mean_return, "eval/episodic_cost": mean_cost,
+            "eval/penalized_return": mean_return - max(0.0, mean_cost - cost_limit)}
 
 
 def main(args):
@@ -521,6 +541,9 @@ def main(args):
     action_scale = jnp.asarray((action_high - action_low) / 2, jnp.float32)
     action_bias = jnp.asarray((action_high + action_low) / 2, jnp.float32)
     probe_env.close()
+    if not args.eval_checkpoint:  # forked env workers must start before JAX starts its threads
+        envs_class = gym.vector.AsyncVectorEnv if args.async_envs and args.num_envs > 1 else gym.vector.SyncVectorEnv
+        envs = envs_class([make_env(args.env_id, args.seed + i) for i in range(args.num_envs)])
     eval_render_mode = "rgb_array" if args.capture_video else None
 
     def eval_env_thunk(name):
@@ -537,35 +560,36 @@ def main(args):
     key = jax.random.PRNGKey(args.seed)
     key, init_key = jax.random.split(key)
     state = init_state(init_key, obs_dim)
-    deterministic_policy = jax.jit(lambda params, obs: action_bias + action_scale * jnp.tanh(actor.apply(params, obs)[0]))
+    deterministic_policy = jax.jit(lambda params, obs: action_bias + action_scale * jnp.tanh(
+        actor.apply(params, obs)[0]))
 
     if args.eval_checkpoint:
         actor_params = flax.serialization.from_state_dict(state, checkpoint["state"]).actor.params
         mean_return, mean_cost = evaluate(deterministic_policy, actor_params, eval_env_thunk("checkpoint"),
                                           args.eval_episodes, args.seed + 10_000)
         result = {"checkpoint": args.eval_checkpoint, "global_step": checkpoint["global_step"],
-                  "episodes": args.eval_episodes, "eval/episodic_return": mean_return, "eval/episodic_cost": mean_cost}
+                  "episodes": args.eval_episodes, **evaluation_metrics(mean_return, mean_cost, args.cost_limit)}
         print(json.dumps(result))
         return result
 
-    envs_class = gym.vector.AsyncVectorEnv if args.async_envs and args.num_envs > 1 else gym.vector.SyncVectorEnv
-    envs = envs_class([make_env(args.env_id, args.seed + i) for i in range(args.num_envs)])
     buffer = ReplayBuffer(args.buffer_size, args.num_envs, obs_dim, action_dim)
     rng = np.random.default_rng(args.seed)
-    global_step = 0
+    global_step, costs_since_multiplier_step = 0, []  # episodic costs that the next multiplier step averages
     if checkpoint is not None:
         state = flax.serialization.from_state_dict(state, checkpoint["state"])
         key, global_step = jnp.asarray(checkpoint["key"]), checkpoint["global_step"]
         buffer.data, buffer.position, buffer.full = checkpoint["buffer"], checkpoint["buffer_position"], checkpoint["buffer_full"]
         rng.bit_generator.state = checkpoint["rng_state"]
+        costs_since_multiplier_step = checkpoint["costs_since_multiplier_step"]
     logger = MetricsLogger(run_dir, args, run_name)
     checkpoint_path = os.path.join(run_dir, "checkpoints", "checkpoint.pkl")
 
-    def write_checkpoint(agent_state, step, path=checkpoint_path):
-        return save_checkpoint(path, {
+    def write_checkpoint(agent_state, step):
+        return save_checkpoint(checkpoint_path, {
             "args": vars(args), "run_name": run_name, "global_step": step, "key": np.asarray(key),
             "state": flax.serialization.to_state_dict(jax.device_get(agent_state)), "buffer": buffer.data,
-            "buffer_position": buffer.position, "buffer_full": buffer.full, "rng_state": rng.bit_generator.state})
+            "buffer_position": buffer.position, "buffer_full": buffer.full, "rng_state": rng.bit_generator.state,
+            "costs_since_multiplier_step": costs_since_multiplier_step})
 
     sample_actions = jax.jit(lambda params, obs, key: squashed_gaussian_sample(
         *actor.apply(params, obs), key, action_scale, action_bias)[0])
@@ -575,7 +599,6 @@ def main(args):
     episode_returns, episode_costs = np.zeros(args.num_envs), np.zeros(args.num_envs)
     episode_lengths = np.zeros(args.num_envs, np.int64)
     recent = {"return": [], "cost": []}
-    costs_since_multiplier_step = []  # episodic costs the next multiplier step averages
     start_time, start_step = time.time(), global_step
     progress = tqdm(total=args.total_timesteps, initial=global_step, unit="step", disable=None)
     try:
@@ -611,7 +634,8 @@ def main(args):
             if global_step >= args.learning_starts and global_step // args.update_interval > previous_step // args.update_interval:
                 previous_state, multiplier_metrics = state, {}
                 if costs_since_multiplier_step:
-                    state, multiplier_metrics = update_multiplier(state, np.mean(costs_since_multiplier_step))
+                    state, multiplier_metrics = update_multiplier(state, np.mean(costs_since_multiplier_step),
+                                                                  len(costs_since_multiplier_step))
                     costs_since_multiplier_step = []
                 batches = buffer.sample_n_step(rng, (updates_per_round, args.batch_size), args.n_step, args.gamma)
                 key, round_key = jax.random.split(key)
@@ -634,20 +658,21 @@ def main(args):
                 mean_return, mean_cost = evaluate(deterministic_policy, state.actor.params,
                                                   eval_env_thunk(f"step{global_step}"), args.eval_episodes,
                                                   args.seed + 10_000)
-                logger.log({"eval/episodic_return": mean_return, "eval/episodic_cost": mean_cost}, global_step)
+                logger.log(evaluation_metrics(mean_return, mean_cost, args.cost_limit), global_step)
             if args.save_model and global_step // args.checkpoint_every > previous_step // args.checkpoint_every:
                 write_checkpoint(state, global_step)
     except KeyboardInterrupt:
         path = write_checkpoint(state, global_step)
         progress.close()
-        envs.close()
+        with contextlib.suppress(Exception):  # on Ctrl-C the env workers were interrupted too
+            envs.close(terminate=True)
         logger.close()
         sys.exit(f"interrupted at global step {global_step}; resume with --resume {path}")
     progress.close()
     envs.close()
     mean_return, mean_cost = evaluate(deterministic_policy, state.actor.params, eval_env_thunk("final"),
                                       args.eval_episodes, args.seed + 10_000)
-    logger.log({"eval/episodic_return": mean_return, "eval/episodic_cost": mean_cost}, global_step)
+    logger.log(evaluation_metrics(mean_return, mean_cost, args.cost_limit), global_step)
     if args.save_model:
         print(f"checkpoint written to {write_checkpoint(state, global_step)}")
     logger.close()

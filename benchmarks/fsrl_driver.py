@@ -194,7 +194,7 @@ def main():
     parser.add_argument("--steps", type=int, default=12_000)
     parser.add_argument("--warmup-steps", type=int, default=2_000)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cost-limit", type=float, default=25.0)
     parser.add_argument("--gamma", type=float, default=0.995)
     parser.add_argument("--hidden-sizes", type=int, nargs="+", default=[128, 128])

@@ -288,8 +288,8 @@ class Runner:
         print(f"[suite] signal {signum}: asking {len(self.running)} run(s) to checkpoint and exit", flush=True)
         self.stop_time = time.time()
         for _, process, *_ in self.running.values():
-            try:  # the script only, not its env workers: it checkpoints, then closes them itself
-                os.kill(process.pid, signal.SIGINT)
+            try:  # what a Ctrl-C in a terminal does: the script checkpoints and its env workers stop
+                os.killpg(process.pid, signal.SIGINT)
             except ProcessLookupError:
                 pass
 

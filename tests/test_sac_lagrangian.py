@@ -19,8 +19,8 @@ def fill_buffer(steps=11, num_envs=2, seed=2):
     buffer = sac.ReplayBuffer(capacity=steps * num_envs, num_envs=num_envs, obs_dim=2, action_dim=1)
     for t in range(steps):
         obs = np.stack([np.full(num_envs, t), np.arange(num_envs)], axis=1)
-        buffer.add(obs=obs, actions=np.zeros((num_envs, 1)), rewards=rewards[t], costs=costs[t], next_obs=obs + [0.5, 0],
-                   terminated=terminated[t], episode_ended=terminated[t] | truncated[t])
+        buffer.add(obs=obs, actions=np.zeros((num_envs, 1)), rewards=rewards[t], costs=costs[t],
+                   next_obs=obs + [0.5, 0], terminated=terminated[t], episode_ended=terminated[t] | truncated[t])
     return buffer, rewards, costs, terminated, truncated
 
 
@@ -94,15 +94,27 @@ def test_cost_critic_learns_the_cost_not_the_reward():
 
 def test_pid_and_gradient_multipliers():
     kp, ki, kd, limit = 0.05, 0.0005, 0.1, 25.0
+    sequence = [(40.0, 4), (60.0, 2), (30.0, 4), (10.0, 1), (0.0, 4), (0.0, 4), (26.0, 3)]  # (mean cost, episodes)
     integral = previous_error = 0.0
-    state = (0.0, 0.0)
-    for cost in [40.0, 60.0, 30.0, 10.0, 0.0, 0.0, 26.0]:
+    state = (0.0, limit)
+    for cost, episodes in sequence:  # smoothing 0 is FSRL's controller, written in its own error form
         error = cost - limit
         integral = max(0.0, integral + error)
         expected = max(0.0, kp * error + ki * integral + kd * max(0.0, error - previous_error))
         previous_error = error
-        lagrange, *state = sac.pid_lagrange(*state, cost, limit, kp, ki, kd)
+        lagrange, *state = sac.pid_lagrange(*state, cost, episodes, limit, kp, ki, kd, 0.0)
         np.testing.assert_allclose(lagrange, expected, rtol=1e-6, atol=1e-7)
+
+    smoothing, integral, smoothed = 0.95, 0.0, limit
+    state = (0.0, limit)
+    for cost, episodes in sequence:  # the moving average runs over episodes: one update per episode
+        previous_smoothed = smoothed
+        for _ in range(episodes):
+            smoothed = smoothing * smoothed + (1 - smoothing) * cost
+        integral = max(0.0, integral + cost - limit)
+        expected = max(0.0, kp * (smoothed - limit) + ki * integral + kd * max(0.0, smoothed - previous_smoothed))
+        lagrange, *state = sac.pid_lagrange(*state, cost, episodes, limit, kp, ki, kd, smoothing)
+        np.testing.assert_allclose(lagrange, expected, rtol=1e-5, atol=1e-6)
 
     for method in ("pid", "gradient"):
         for cost_limit, costs in [(1.0, [3.0] * 3 + [0.0] * 30), (0.0, [0.0, 0.0, 2.0, 0.0])]:  # a limit of 0 is valid
@@ -112,19 +124,20 @@ def test_pid_and_gradient_multipliers():
                 jnp.zeros(1), 1)
             state, lagrange_values = init_state(jax.random.PRNGKey(0), 2), []
             for cost in costs:
-                state, _ = update_multiplier(state, cost)
+                state, _ = update_multiplier(state, cost, 2)
                 lagrange_values.append(float(state.lagrange))
-            assert np.all(np.isfinite(lagrange_values)) and min(lagrange_values) >= 0.0, (method, lagrange_values)
+            assert np.all(np.isfinite(lagrange_values)) and min(lagrange_values) >= 0.0, method
             if cost_limit > 0:  # lambda rises while the cost exceeds the limit and falls once it is met
-                assert lagrange_values[2] > 0.0 and lagrange_values[-1] < max(lagrange_values), (method, lagrange_values)
+                assert lagrange_values[2] > 0.0 and lagrange_values[-1] < max(lagrange_values), method
 
 
 # Tuned for the toy task, not the defaults: a faster integral than FSRL's, so the constraint binds within the
-# budget; the first 20% of the episodes come from the initial policy (before --learning-starts).
+# budget, and no smoothing, as each multiplier step already averages 10 episodes; the first 20% of the episodes
+# come from the initial policy (before --learning-starts).
 TOY_FLAGS = ["--env-id", TOY_ENV, "--num-envs", 4, "--no-async-envs", "--total-timesteps", 20000,
              "--learning-starts", 4000, "--update-interval", 200, "--gamma", 0.9, "--n-step", 1, "--batch-size", 128,
              "--hidden-sizes", 64, 64, "--initial-alpha", 0.1, "--pid-kp", 0.05, "--pid-ki", 0.005, "--pid-kd", 0.1,
-             "--eval-every", 0, "--eval-episodes", 2]
+             "--pid-cost-smoothing", 0, "--eval-every", 0, "--eval-episodes", 2]
 
 
 def test_sac_lagrangian_keeps_the_cost_under_the_limit_on_the_toy_task(tmp_path):
