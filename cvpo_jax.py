@@ -189,6 +189,25 @@ def validate_args(args):
         fail(f"--total-timesteps must be positive, got {args.total_timesteps}")
     if args.cost_limit < 0:
         fail(f"--cost-limit must be non-negative, got {args.cost_limit}")
+    flag = lambda name: "--" + name.replace("_", "-")
+    for name in ("batch_size", "buffer_size", "n_step", "update_interval", "updates_per_step", "num_sampled_actions",
+                 "critic_lr", "actor_lr", "estep_kl", "estep_dual_lr", "estep_max_iterations", "mstep_kl_mu",
+                 "mstep_kl_sigma", "mstep_dual_lr", "mstep_dual_max", "eval_episodes", "checkpoint_every"):
+        if not getattr(args, name) > 0:
+            fail(f"{flag(name)} must be positive, got {getattr(args, name)}")
+    for name in ("learning_starts", "eval_every", "estep_tolerance"):
+        if getattr(args, name) < 0:
+            fail(f"{flag(name)} must be non-negative, got {getattr(args, name)}")
+    if not 0 < args.gamma < 1:
+        fail(f"--gamma must be in (0, 1) (the cost threshold divides by 1 - gamma), got {args.gamma}")
+    if not 0 < args.tau <= 1:
+        fail(f"--tau must be in (0, 1], got {args.tau}")
+    if not 0 < args.estep_dual_min < args.estep_dual_max:
+        fail(f"need 0 < --estep-dual-min < --estep-dual-max, got {args.estep_dual_min}, {args.estep_dual_max}")
+    if not args.hidden_sizes or min(args.hidden_sizes) <= 0:
+        fail(f"--hidden-sizes must be one or more positive layer widths, got {args.hidden_sizes}")
+    if args.episode_length is not None and args.episode_length <= 0:
+        fail(f"--episode-length must be positive, got {args.episode_length}")
     for path in (args.resume, args.eval_checkpoint):
         if path is not None and not os.path.isfile(path):
             fail(f"no checkpoint file at {path}")

@@ -180,6 +180,19 @@ def validate_args(args):
         fail(f"--total-timesteps must be positive, got {args.total_timesteps}")
     if args.cost_limit < 0:
         fail(f"--cost-limit must be non-negative, got {args.cost_limit}")
+    flag = lambda name: "--" + name.replace("_", "-")
+    for name in ("num_steps", "update_epochs", "clip_coef", "target_kl", "max_grad_norm", "actor_lr", "critic_lr",
+                 "lagrange_lr", "eval_episodes", "checkpoint_every"):
+        if not getattr(args, name) > 0:
+            fail(f"{flag(name)} must be positive, got {getattr(args, name)}")
+    for name in ("eval_every", "ent_coef", "critic_l2_coef", "lagrange_init", "pid_kp", "pid_ki", "pid_kd"):
+        if getattr(args, name) < 0:
+            fail(f"{flag(name)} must be non-negative, got {getattr(args, name)}")
+    for name in ("gamma", "gae_lambda"):
+        if not 0 < getattr(args, name) <= 1:
+            fail(f"{flag(name)} must be in (0, 1], got {getattr(args, name)}")
+    if not args.hidden_sizes or min(args.hidden_sizes) <= 0:
+        fail(f"--hidden-sizes must be one or more positive layer widths, got {args.hidden_sizes}")
     if not 0 < args.minibatch_size <= args.num_steps * args.num_envs:
         fail(f"--minibatch-size must be in 1..{args.num_steps * args.num_envs} (--num-steps x --num-envs), "
              f"got {args.minibatch_size}")

@@ -178,6 +178,21 @@ def validate_args(args):
         fail(f"--total-timesteps must be positive, got {args.total_timesteps}")
     if args.cost_limit < 0:
         fail(f"--cost-limit must be non-negative, got {args.cost_limit}")
+    flag = lambda name: "--" + name.replace("_", "-")
+    for name in ("batch_size", "buffer_size", "n_step", "update_interval", "updates_per_step", "actor_lr", "critic_lr",
+                 "alpha_lr", "initial_alpha", "lagrange_lr", "eval_episodes", "checkpoint_every"):
+        if not getattr(args, name) > 0:
+            fail(f"{flag(name)} must be positive, got {getattr(args, name)}")
+    for name in ("learning_starts", "eval_every", "pid_kp", "pid_ki", "pid_kd"):
+        if getattr(args, name) < 0:
+            fail(f"{flag(name)} must be non-negative, got {getattr(args, name)}")
+    for name in ("gamma", "tau"):
+        if not 0 < getattr(args, name) <= 1:
+            fail(f"{flag(name)} must be in (0, 1], got {getattr(args, name)}")
+    if not 0 <= args.pid_cost_smoothing < 1:
+        fail(f"--pid-cost-smoothing must be in [0, 1), got {args.pid_cost_smoothing}")
+    if not args.hidden_sizes or min(args.hidden_sizes) <= 0:
+        fail(f"--hidden-sizes must be one or more positive layer widths, got {args.hidden_sizes}")
     for path in (args.resume, args.eval_checkpoint):
         if path is not None and not os.path.isfile(path):
             fail(f"no checkpoint file at {path}")
@@ -538,6 +553,8 @@ def main(args):
         fail("SAC-Lagrangian needs a flat Box observation space and a Box action space")
     obs_dim, action_dim = probe_env.observation_space.shape[0], probe_env.action_space.shape[0]
     action_low, action_high = probe_env.action_space.low, probe_env.action_space.high
+    if not (np.all(np.isfinite(action_low)) and np.all(np.isfinite(action_high))):
+        fail("SAC-Lagrangian squashes actions into the action bounds, which must be finite")
     action_scale = jnp.asarray((action_high - action_low) / 2, jnp.float32)
     action_bias = jnp.asarray((action_high + action_low) / 2, jnp.float32)
     probe_env.close()

@@ -152,3 +152,22 @@ def test_tracking_without_a_wandb_login_runs_offline(script, tmp_path):
     run_dir = only_run_dir(tmp_path)
     assert list((run_dir / "wandb").glob("offline-run-*"))
     assert read_metrics(run_dir)[-1]["global_step"] == 600
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_numeric_flag_rejects_a_negative_value_with_one_line(script):
+    """Checked in-process on validate_args: -1 is nonsense for every number but the seed."""
+    import dataclasses
+    import importlib
+
+    import tyro
+
+    module = importlib.import_module(script.removesuffix(".py"))
+    numeric = [field.name for field in dataclasses.fields(module.Args)
+               if field.name != "seed" and re.search(r"\b(int|float)\b", str(field.type)) and "tuple" not in str(field.type)]
+    assert len(numeric) > 10
+    for name in [*numeric, "hidden_sizes"]:
+        flag = "--" + name.replace("_", "-")
+        with pytest.raises(SystemExit) as stopped:
+            module.validate_args(tyro.cli(module.Args, args=[flag, "-1"]))
+        assert str(stopped.value.code).startswith("error: ") and flag in str(stopped.value.code), (flag, stopped.value)

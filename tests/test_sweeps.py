@@ -34,4 +34,4 @@ def test_every_swept_parameter_is_a_flag_of_its_script(sweep_path):
 
 
 def test_there_is_a_sweep_per_algorithm():
-    assert {p.stem for p in SWEEPS} >= {"cvpo"}
+    assert {p.stem for p in SWEEPS} >= {"cvpo", "ppo_lagrangian", "sac_lagrangian"}

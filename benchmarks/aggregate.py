@@ -1,0 +1,226 @@
+"""Summarise a suite run by run_suite.py: results/learning.md and one return/cost plot per task.
+
+    python benchmarks/aggregate.py                      # reads benchmarks/results/runs/*/metrics.jsonl
+    python benchmarks/aggregate.py --results-dir /tmp/r --final-fraction 0.1 --grid-points 100
+
+Per algorithm and task: the episodic return and cost of the training episodes in the last
+--final-fraction of the env steps each run reached (mean over those episodes, then mean +- std over
+seeds), the last evaluation of the deterministic policy, env steps reached, wall-clock minutes.
+Plots: return and cost against env steps; each run's episodes are averaged in bins of a common grid,
+then mean +- std over seeds per algorithm; the cost limit is a horizontal line on the cost plot.
+"""
+
+import argparse
+import json
+import os
+import re
+import time
+import warnings
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+BENCHMARKS_DIR = os.path.dirname(os.path.abspath(__file__))
+NAMES = {"cvpo": "CVPO", "ppo_lagrangian": "PPO-Lag", "sac_lagrangian": "SAC-Lag"}
+
+# Published figures, each with its budget and source. Only numbers we could read or verify are listed.
+REFERENCES = [
+    {"algorithm": "CVPO", "task": "SafetyPointGoal1", "cost_limit": 25, "budget": "5M env steps, 3 seeds",
+     "return": "~24", "cost": "~25-30",
+     "source": "FSRL benchmark curves (github.com/liuzuxin/FSRL, README figures), read off the plot"},
+    {"algorithm": "CVPO", "task": "SafetyPointButton1", "cost_limit": 25, "budget": "5M env steps, 3 seeds",
+     "return": "~10", "cost": "~30-35",
+     "source": "FSRL benchmark curves (github.com/liuzuxin/FSRL, README figures), read off the plot"},
+    {"algorithm": "PPO-Lag (OmniSafe PPOLag)", "task": "SafetyPointGoal1-v0", "cost_limit": 25,
+     "budget": "not stated beside the table (the README's grid comment gives 1e6 steps as a reproduction option); "
+               "mean ± std over seeds and 10 evaluation iterations",
+     "return": "12.96 ± 6.95", "cost": "25.80 ± 34.99",
+     "source": "OmniSafe benchmarks/on-policy/README.md, Table 2 (github.com/PKU-Alignment/omnisafe)"},
+]
+# Not found in a verifiable form: OmniSafe / SafePO SAC-Lag on SafetyPointGoal1-v0 (OmniSafe's off-policy tables
+# cover only the Velocity tasks) and any PPO-Lag / SAC-Lag figure on SafetyCarCircle1-v0.
+
+
+def load_records(path):
+    """Metrics records in file order; records logged again after a resume replace the earlier ones."""
+    records = []
+    with open(path) as file:
+        for line in file:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line cut off by a kill
+            step = record.get("global_step", 0)
+            if records and step < records[-1]["global_step"]:  # a resume from an earlier checkpoint
+                while records and records[-1]["global_step"] >= step:
+                    records.pop()
+            records.append(record)
+    return records
+
+
+def wall_minutes(info):
+    """Wall-clock of all sessions of a run; a session still running counts up to now."""
+    sessions = info.get("sessions") or []
+    if not sessions:
+        return None
+    seconds = sum(s.get("seconds") or 0 for s in sessions)
+    if info.get("status") == "running" and sessions[-1].get("seconds") is None:
+        seconds += time.time() - sessions[-1]["started"]
+    return seconds / 60
+
+
+def load_runs(results_dir):
+    runs = []
+    runs_dir = os.path.join(results_dir, "runs")
+    for key in sorted(os.listdir(runs_dir)) if os.path.isdir(runs_dir) else []:
+        match = re.fullmatch(r"(.+)__(.+)__(\d+)", key)
+        metrics = os.path.join(runs_dir, key, "metrics.jsonl")
+        if not match or not os.path.isfile(metrics):
+            continue
+        info = {}
+        if os.path.isfile(os.path.join(runs_dir, key, "run.json")):
+            with open(os.path.join(runs_dir, key, "run.json")) as file:
+                info = json.load(file)
+        records = load_records(metrics)
+        episodes = [(r["global_step"], r["charts/episodic_return"], r["charts/episodic_cost"]) for r in records
+                    if "charts/episodic_return" in r and "charts/episodic_cost" in r]
+        evals = [r for r in records if "eval/episodic_return" in r]
+        limits = [r["charts/cost_limit"] for r in records if "charts/cost_limit" in r]
+        runs.append({"key": key, "algorithm": match[1], "task": match[2], "seed": int(match[3]),
+                     "episodes": np.array(episodes, dtype=float).reshape(-1, 3),
+                     "last_eval": evals[-1] if evals else None,
+                     "steps": max((r["global_step"] for r in records), default=0),
+                     "total_timesteps": info.get("total_timesteps"),
+                     "done": os.path.isfile(os.path.join(runs_dir, key, "DONE")),
+                     "wall_minutes": wall_minutes(info),
+                     "cost_limit": limits[-1] if limits else None})
+    return runs
+
+
+def final_performance(run, fraction):
+    episodes = run["episodes"]
+    if len(episodes) == 0:
+        return None, None
+    cutoff = run["steps"] * (1 - fraction)
+    last = episodes[episodes[:, 0] >= cutoff]
+    if len(last) == 0:
+        last = episodes[-1:]
+    return float(last[:, 1].mean()), float(last[:, 2].mean())
+
+
+def mean_std(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{np.mean(values):.1f} ± {np.std(values):.1f}"
+
+
+def binned_curve(episodes, grid, column):
+    """Mean of the episodes ending in each grid bin; empty bins are interpolated, beyond the run's end NaN."""
+    values = np.full(len(grid) - 1, np.nan)
+    if len(episodes) == 0:
+        return values
+    index = np.digitize(episodes[:, 0], grid) - 1
+    for i in range(len(values)):
+        inside = episodes[index == i, column]
+        if len(inside):
+            values[i] = inside.mean()
+    known = np.flatnonzero(~np.isnan(values))
+    if len(known) >= 2:
+        span = np.arange(known[0], known[-1] + 1)
+        values[span] = np.interp(span, known, values[known])
+    return values
+
+
+def plot_task(task, runs, path, grid_points, cost_limit):
+    max_step = max(run["steps"] for run in runs)
+    grid = np.linspace(0, max_step, grid_points + 1)
+    centres = (grid[:-1] + grid[1:]) / 2
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for algorithm in sorted({run["algorithm"] for run in runs}):
+        mine = [run for run in runs if run["algorithm"] == algorithm]
+        for axis, column in zip(axes, (1, 2)):
+            curves = np.array([binned_curve(run["episodes"], grid, column) for run in mine])
+            with warnings.catch_warnings():  # all-NaN bins (beyond every seed's end) stay NaN
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean, std = np.nanmean(curves, axis=0), np.nanstd(curves, axis=0)
+            line, = axis.plot(centres, mean, label=f"{NAMES.get(algorithm, algorithm)} ({len(mine)} seed{'s' if len(mine) > 1 else ''})")
+            axis.fill_between(centres, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    if cost_limit is not None:
+        axes[1].axhline(cost_limit, color="black", linestyle="--", linewidth=1, label=f"cost limit {cost_limit:g}")
+    for axis, label in zip(axes, ("episodic return", "episodic cost")):
+        axis.set_xlabel("env steps")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.suptitle(f"{task}: training episodes, mean ± std over seeds")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results-dir", default=os.path.join(BENCHMARKS_DIR, "results"))
+    parser.add_argument("--final-fraction", type=float, default=0.1,
+                        help="the final performance averages the training episodes in this last fraction of steps")
+    parser.add_argument("--grid-points", type=int, default=50, help="bins on the env-step axis of the plots")
+    args = parser.parse_args(argv)
+    runs = load_runs(args.results_dir)
+    lines = ["# Learning-quality suite", "",
+             "Regenerate: `python benchmarks/run_suite.py --preset main` (resumable), then "
+             "`python benchmarks/aggregate.py`.", "",
+             f"Final return and cost: mean over the training episodes in the last {args.final_fraction:.0%} of each "
+             "run's env steps, then mean ± std over seeds. Eval: the last evaluation of the deterministic policy "
+             "(mean ± std over seeds). Steps: env steps reached (min over seeds) of the budget. Minutes: wall-clock "
+             "per run (mean over seeds; runs shared a 2-core machine with other jobs).", ""]
+    tasks = sorted({run["task"] for run in runs})
+    if not runs:
+        lines.append("No runs found.")
+    for task in tasks:
+        mine = [run for run in runs if run["task"] == task]
+        limits = [run["cost_limit"] for run in mine if run["cost_limit"] is not None]
+        cost_limit = limits[0] if limits else None
+        lines += [f"## {task}" + (f" (cost limit {cost_limit:g})" if cost_limit is not None else ""), "",
+                  "| algorithm | seeds (finished) | final return | final cost | eval return | eval cost | "
+                  "env steps | minutes per run |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for algorithm in sorted({run["algorithm"] for run in mine}):
+            group = [run for run in mine if run["algorithm"] == algorithm]
+            finals = [final_performance(run, args.final_fraction) for run in group]
+            evals = [run["last_eval"] for run in group if run["last_eval"]]
+            budget = group[0]["total_timesteps"]
+            steps = f"{min(run['steps'] for run in group):,}" + (f" / {budget:,}" if budget else "")
+            minutes = [run["wall_minutes"] for run in group if run["wall_minutes"]]
+            minutes = f"{np.mean(minutes):.0f}" if minutes else "n/a"
+            lines.append(
+                f"| {NAMES.get(algorithm, algorithm)} | {len(group)} ({sum(run['done'] for run in group)}) | "
+                f"{mean_std([f[0] for f in finals])} | {mean_std([f[1] for f in finals])} | "
+                f"{mean_std([e['eval/episodic_return'] for e in evals])} | "
+                f"{mean_std([e['eval/episodic_cost'] for e in evals])} | {steps} | {minutes} |")
+        plot_name = f"learning_{re.sub(r'[^A-Za-z0-9_.-]', '_', task)}.png"
+        plot_task(task, mine, os.path.join(args.results_dir, plot_name), args.grid_points, cost_limit)
+        lines += ["", f"![{task}]({plot_name})", ""]
+    lines += ["## Published reference figures", "",
+              "Not comparable one to one: different budgets (ours above are far smaller), implementations and "
+              "evaluation protocols. Returns and costs are episodic (1000-step episodes).", "",
+              "| algorithm | task | cost limit | budget | return | cost | source |",
+              "| --- | --- | ---: | --- | ---: | ---: | --- |"]
+    for ref in REFERENCES:
+        lines.append(f"| {ref['algorithm']} | {ref['task']} | {ref['cost_limit']} | {ref['budget']} | {ref['return']} | "
+                     f"{ref['cost']} | {ref['source']} |")
+    lines += ["", f"_Generated {time.strftime('%Y-%m-%d %H:%M')} from {len(runs)} runs._", ""]
+    os.makedirs(args.results_dir, exist_ok=True)
+    path = os.path.join(args.results_dir, "learning.md")
+    with open(path, "w") as file:
+        file.write("\n".join(lines))
+    print(f"wrote {path} ({len(runs)} runs, {len(tasks)} tasks)")
+    return path
+
+
+if __name__ == "__main__":
+    main()

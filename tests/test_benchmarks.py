@@ -1,0 +1,78 @@
+"""Smoke tests of benchmarks/: a tiny suite on the toy task, its aggregation, and the throughput script (ours only)."""
+
+import json
+import os
+import subprocess
+import sys
+
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO_ROOT, "benchmarks"))
+
+import aggregate  # noqa: E402
+import run_suite  # noqa: E402
+
+
+def run(*command, timeout=120):
+    result = subprocess.run([sys.executable, *command], cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{command} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+    return result.stdout
+
+
+def test_suite_runs_skips_finished_runs_and_aggregates(tmp_path):
+    results = tmp_path / "results"
+    out = run("benchmarks/run_suite.py", "--preset", "smoke", "--results-dir", str(results))
+    run_dir = results / "runs" / "cvpo__ConstrainedSpeed-v0__1"
+    assert (run_dir / "DONE").exists(), out
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "done" and info["sessions"][-1]["returncode"] == 0
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["global_step"] for r in records) == 600
+    assert any("charts/episodic_cost" in r for r in records) and any("eval/episodic_return" in r for r in records)
+    assert list(run_dir.glob("runs/*/checkpoints/checkpoint.pkl")), "runs are started with --save-model"
+
+    again = run("benchmarks/run_suite.py", "--preset", "smoke", "--results-dir", str(results))
+    assert "started" not in again and "done: 1" in again  # a finished run is skipped
+
+    run("benchmarks/aggregate.py", "--results-dir", str(results))
+    table = (results / "learning.md").read_text()
+    row = next(line for line in table.splitlines() if line.startswith("| CVPO | 1 (1)"))
+    assert "600 / 600" in row
+    plot = results / "learning_ConstrainedSpeed-v0.png"
+    assert plot.exists() and plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"global_step": s, "charts/episodic_return": float(s)}) for s in (100, 200, 300, 400)]
+    path.write_text("\n".join(lines) + '\n{"global_step": 5')  # the last line was cut off by a kill
+    run_suite.truncate_metrics(str(path), 200)
+    assert [json.loads(line)["global_step"] for line in path.read_text().splitlines()] == [100, 200]
+    # the aggregator also tolerates a file where a resumed run logged steps again
+    resumed = [json.dumps({"global_step": s, "x": 1}) for s in (300, 400)]
+    path.write_text("\n".join(lines + resumed) + "\n")
+    records = aggregate.load_records(str(path))
+    assert [r["global_step"] for r in records] == [100, 200, 300, 400] and all(r.get("x") for r in records[2:])
+
+
+def test_suite_command_line(tmp_path):
+    args, config = run_suite.parse_args(["--preset", "main", "--seeds", "7", "--algo-args", "cvpo=--num-sampled-actions 32",
+                                         "--results-dir", str(tmp_path)])
+    jobs = run_suite.make_jobs(config)
+    assert len(jobs) == 3 * 2 and {job["seed"] for job in jobs} == {7}
+    cvpo = next(job for job in jobs if job["algorithm"] == "cvpo" and job["env_id"] == "SafetyCarCircle1-v0")
+    assert cvpo["key"] == "cvpo__SafetyCarCircle1-v0__7"
+    assert cvpo["command"][-2:] == ["--num-sampled-actions", "32"] and "--save-model" in cvpo["command"]
+    assert cvpo["command"][cvpo["command"].index("--total-timesteps") + 1] == str(config["total_timesteps"]["SafetyCarCircle1-v0"])
+
+
+def test_throughput_smoke(tmp_path):
+    output = tmp_path / "throughput.md"
+    run("benchmarks/throughput.py", "--smoke", "--output", str(output))
+    report = output.read_text()
+    assert "Machine: " in report and "Command: `python benchmarks/throughput.py --smoke" in report
+    data = json.loads((tmp_path / "throughput.json").read_text())
+    assert data["env"]["steps_per_second"] > 0
+    assert data["train"]["ours/CVPO"]["steps_per_second"] > 0
+    assert data["learner"]["ours_fsrl"]["16"]["ms"] > 0 and data["learner"]["ours_converge"]["16"]["ms"] > 0
+    assert "fsrl" not in data["learner"]  # --smoke never touches FSRL or its venv
