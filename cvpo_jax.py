@@ -217,7 +217,9 @@ def validate_args(args):
 def make_env(env_id, seed, render_mode=None):
     def thunk():
         if is_safety_gymnasium_id(env_id):
-            env = safety_gymnasium.make(env_id, render_mode=render_mode)
+            # Navigation tasks render from the agent's own eyes by default; videos follow it from above instead.
+            camera = {"camera_name": "track"} if render_mode and "Velocity" not in env_id else {}
+            env = safety_gymnasium.make(env_id, render_mode=render_mode, **camera)
             env = safety_gymnasium.wrappers.SafetyGymnasium2Gymnasium(env)
         else:
             env = gym.make(env_id, render_mode=render_mode)

@@ -14,6 +14,8 @@ import argparse
 import json
 import os
 import re
+import shlex
+import sys
 import time
 import warnings
 
@@ -170,11 +172,14 @@ def main(argv=None):
     parser.add_argument("--final-fraction", type=float, default=0.1,
                         help="the final performance averages the training episodes in this last fraction of steps")
     parser.add_argument("--grid-points", type=int, default=50, help="bins on the env-step axis of the plots")
+    parser.add_argument("--title", default="Learning-quality suite", help="heading of learning.md")
+    parser.add_argument("--regenerate", default="python benchmarks/run_suite.py --preset main",
+                        help="the suite command that produced these runs, quoted in learning.md")
     args = parser.parse_args(argv)
     runs = load_runs(args.results_dir)
-    lines = ["# Learning-quality suite", "",
-             "Regenerate: `python benchmarks/run_suite.py --preset main` (resumable), then "
-             "`python benchmarks/aggregate.py`.", "",
+    aggregate_command = shlex.join(["python", "benchmarks/aggregate.py", *(argv if argv is not None else sys.argv[1:])])
+    lines = [f"# {args.title}", "",
+             f"Regenerate: `{args.regenerate}` (resumable), then `{aggregate_command}`.", "",
              f"Final return and cost: mean over the training episodes in the last {args.final_fraction:.0%} of each "
              "run's env steps, then mean ± std over seeds. Eval: the last evaluation of the deterministic policy "
              "(mean ± std over seeds). Steps: env steps reached (min over seeds) of the budget. Minutes: wall-clock "
@@ -207,7 +212,7 @@ def main(argv=None):
         lines += ["", f"![{task}]({plot_name})", ""]
     lines += ["## Published reference figures", "",
               "Not comparable one to one: different budgets (ours above are far smaller), implementations and "
-              "evaluation protocols. Returns and costs are episodic (1000-step episodes).", "",
+              "evaluation protocols. Returns and costs are episodic (1000-step episodes; Circle tasks 500).", "",
               "| algorithm | task | cost limit | budget | return | cost | source |",
               "| --- | --- | ---: | --- | ---: | ---: | --- |"]
     for ref in REFERENCES:

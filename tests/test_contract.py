@@ -1,6 +1,7 @@
 """The behaviour all three algorithm files share (../shared/design/contract.md), checked file by file:
 bad input, NaN handling, interrupt and resume, deterministic resumption, offline tracking."""
 
+import ctypes.util
 import os
 import pickle
 import re
@@ -171,3 +172,21 @@ def test_every_numeric_flag_rejects_a_negative_value_with_one_line(script):
         with pytest.raises(SystemExit) as stopped:
             module.validate_args(tyro.cli(module.Args, args=[flag, "-1"]))
         assert str(stopped.value.code).startswith("error: ") and flag in str(stopped.value.code), (flag, stopped.value)
+
+
+VIDEO_FLAGS = {
+    "cvpo_jax.py": ["--learning-starts", 100, "--update-interval", 100, "--batch-size", 32, "--hidden-sizes", 16],
+    "ppo_lagrangian_jax.py": ["--num-steps", 100, "--update-epochs", 1],
+    "sac_lagrangian_jax.py": ["--learning-starts", 100, "--update-interval", 100, "--batch-size", 32,
+                              "--hidden-sizes", 16],
+}
+
+
+@pytest.mark.skipif(not ctypes.util.find_library("OSMesa"), reason="headless video needs libosmesa6 (MUJOCO_GL=osmesa)")
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_capture_video_records_the_evaluation_episodes_headless(script, tmp_path, monkeypatch):
+    monkeypatch.setenv("MUJOCO_GL", "osmesa")
+    run_script(script, "--env-id", "SafetyCarCircle1-v0", "--num-envs", 2, "--no-async-envs", "--total-timesteps", 200,
+               "--eval-every", 0, "--eval-episodes", 1, "--capture-video", *VIDEO_FLAGS[script], cwd=tmp_path)
+    (video,) = (only_run_dir(tmp_path) / "videos").glob("*.mp4")
+    assert video.stat().st_size > 10_000
