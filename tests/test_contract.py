@@ -1,7 +1,9 @@
 """The behaviour all three algorithm files share (../shared/design/contract.md), checked file by file:
-bad input, NaN handling, interrupt and resume, deterministic resumption, offline tracking."""
+bad input, NaN handling, interrupt and resume, deterministic resumption, offline tracking, headless
+video, and a docstring for every flag."""
 
 import ctypes.util
+import dataclasses
 import os
 import pickle
 import re
@@ -158,7 +160,6 @@ def test_tracking_without_a_wandb_login_runs_offline(script, tmp_path):
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_numeric_flag_rejects_a_negative_value_with_one_line(script):
     """Checked in-process on validate_args: -1 is nonsense for every number but the seed."""
-    import dataclasses
     import importlib
 
     import tyro
@@ -190,3 +191,16 @@ def test_capture_video_records_the_evaluation_episodes_headless(script, tmp_path
                "--eval-every", 0, "--eval-episodes", 1, "--capture-video", *VIDEO_FLAGS[script], cwd=tmp_path)
     (video,) = (only_run_dir(tmp_path) / "videos").glob("*.mp4")
     assert video.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_flag_has_a_one_line_docstring(script):
+    """--help is the documentation: each Args field is followed by its docstring."""
+    import inspect
+
+    module = __import__(script.removesuffix(".py"))
+    lines = [line.strip() for line in inspect.getsource(module.Args).splitlines()]
+    for field in dataclasses.fields(module.Args):
+        (index,) = [i for i, line in enumerate(lines) if line.startswith(f"{field.name}:")]
+        docstring = lines[index + 1]
+        assert docstring.startswith('"""') and docstring.endswith('"""') and len(docstring) > 10, field.name
