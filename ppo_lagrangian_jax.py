@@ -203,12 +203,16 @@ def validate_args(args):
 
 
 def make_env(env_id, seed, render_mode=None):
+    is_safety_task = is_safety_gymnasium_id(env_id)
+
     def thunk():
-        if is_safety_gymnasium_id(env_id):
+        if is_safety_task:
+            # A spawned env worker imports the package afresh, so it goes through the workaround too.
+            safety_gym = import_safety_gymnasium()
             # Navigation tasks render from the agent's own eyes by default; videos follow it from above instead.
             camera = {"camera_name": "track"} if render_mode and "Velocity" not in env_id else {}
-            env = safety_gymnasium.make(env_id, render_mode=render_mode, **camera)
-            env = safety_gymnasium.wrappers.SafetyGymnasium2Gymnasium(env)
+            env = safety_gym.make(env_id, render_mode=render_mode, **camera)
+            env = safety_gym.wrappers.SafetyGymnasium2Gymnasium(env)
         else:
             env = gym.make(env_id, render_mode=render_mode)
         env.action_space.seed(seed)

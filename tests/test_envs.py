@@ -33,7 +33,8 @@ def test_task_constructs_resets_and_steps_with_cost(env_id):
 
 @pytest.mark.parametrize("env_id", ["SafetyCarGoal1-v0", "SafetyHopperVelocity-v1"])
 def test_async_vector_env_reports_cost(env_id):
-    envs = gym.vector.AsyncVectorEnv([cvpo_jax.make_env(env_id, seed=i) for i in range(2)])
+    # spawn, not fork: JAX's threads are already running in this process (the scripts fork before JAX starts)
+    envs = gym.vector.AsyncVectorEnv([cvpo_jax.make_env(env_id, seed=i) for i in range(2)], context="spawn")
     obs, _ = envs.reset(seed=0)
     assert obs.shape[0] == 2
     for _ in range(5):
