@@ -22,6 +22,7 @@ import warnings
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -157,6 +158,7 @@ def plot_task(task, runs, path, grid_points, cost_limit):
         axes[1].axhline(cost_limit, color="black", linestyle="--", linewidth=1, label=f"cost limit {cost_limit:g}")
     for axis, label in zip(axes, ("episodic return", "episodic cost")):
         axis.set_xlabel("env steps")
+        axis.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1000:g}k" if x else "0"))
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
