@@ -25,6 +25,7 @@ matplotlib.use("Agg")
 import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from run_suite import read_metrics_records  # noqa: E402  (a sibling script: benchmarks/ is on sys.path)
 
 BENCHMARKS_DIR = os.path.dirname(os.path.abspath(__file__))
 NAMES = {"cvpo": "CVPO", "ppo_lagrangian": "PPO-Lag", "sac_lagrangian": "SAC-Lag"}
@@ -50,17 +51,12 @@ REFERENCES = [
 def load_records(path):
     """Metrics records in file order; records logged again after a resume replace the earlier ones."""
     records = []
-    with open(path) as file:
-        for line in file:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue  # a line cut off by a kill
-            step = record.get("global_step", 0)
-            if records and step < records[-1]["global_step"]:  # a resume from an earlier checkpoint
-                while records and records[-1]["global_step"] >= step:
-                    records.pop()
-            records.append(record)
+    for record in read_metrics_records(path):
+        step = record.get("global_step", 0)
+        if records and step < records[-1]["global_step"]:  # a resume from an earlier checkpoint
+            while records and records[-1]["global_step"] >= step:
+                records.pop()
+        records.append(record)
     return records
 
 

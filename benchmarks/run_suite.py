@@ -173,17 +173,20 @@ def sync_metrics(run_dir):
     os.replace(target + ".tmp", target)
 
 
-def truncate_metrics(path, last_step):
-    """Drop records logged after the checkpoint we resume from (they will be logged again)."""
-    kept = []
+def read_metrics_records(path):
+    """The JSON records of a metrics.jsonl, in file order, skipping a line cut off by a kill."""
     with open(path) as file:
         for line in file:
             try:
-                record = json.loads(line)
+                yield json.loads(line)
             except ValueError:
-                continue  # a line cut off by a kill
-            if record.get("global_step", 0) <= last_step:
-                kept.append(json.dumps(record) + "\n")
+                continue
+
+
+def truncate_metrics(path, last_step):
+    """Drop records logged after the checkpoint we resume from (they will be logged again)."""
+    kept = [json.dumps(record) + "\n" for record in read_metrics_records(path)
+            if record.get("global_step", 0) <= last_step]
     with open(path + ".tmp", "w") as file:
         file.writelines(kept)
     os.replace(path + ".tmp", path)
