@@ -4,6 +4,8 @@ video, and a docstring for every flag."""
 
 import ctypes.util
 import dataclasses
+import importlib
+import inspect
 import os
 import pickle
 import re
@@ -13,6 +15,7 @@ import time
 
 import numpy as np
 import pytest
+import tyro
 
 from tests.helpers import REPO, TOY_ENV, only_run_dir, read_metrics, run_script, script_command
 
@@ -160,10 +163,6 @@ def test_tracking_without_a_wandb_login_runs_offline(script, tmp_path):
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_numeric_flag_rejects_a_negative_value_with_one_line(script):
     """Checked in-process on validate_args: -1 is nonsense for every number but the seed."""
-    import importlib
-
-    import tyro
-
     module = importlib.import_module(script.removesuffix(".py"))
     numeric = [field.name for field in dataclasses.fields(module.Args)
                if field.name != "seed" and re.search(r"\b(int|float)\b", str(field.type)) and "tuple" not in str(field.type)]
@@ -196,9 +195,7 @@ def test_capture_video_records_the_evaluation_episodes_headless(script, tmp_path
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_flag_has_a_one_line_docstring(script):
     """--help is the documentation: each Args field is followed by its docstring."""
-    import inspect
-
-    module = __import__(script.removesuffix(".py"))
+    module = importlib.import_module(script.removesuffix(".py"))
     lines = [line.strip() for line in inspect.getsource(module.Args).splitlines()]
     for field in dataclasses.fields(module.Args):
         (index,) = [i for i, line in enumerate(lines) if line.startswith(f"{field.name}:")]
