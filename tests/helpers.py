@@ -19,8 +19,7 @@ def run_script(script, *flags, cwd, timeout=600, check=True):
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     result = subprocess.run(script_command(script, *flags), cwd=cwd, env=env, capture_output=True, text=True,
                             timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{script} exited {result.returncode}:\n{result.stderr[-3000:]}")
+    assert not check or result.returncode == 0, f"{script} exited {result.returncode}:\n{result.stderr[-3000:]}"
     return result
 
 
@@ -30,7 +29,8 @@ def read_metrics(run_dir):
 
 
 def only_run_dir(cwd):
-    (run_dir,) = (Path(cwd) / "runs").iterdir()
-    return run_dir
+    run_dirs = list((Path(cwd) / "runs").iterdir())
+    assert len(run_dirs) == 1, f"expected one run directory in {cwd}/runs, found {run_dirs}"
+    return run_dirs[0]
 
 
