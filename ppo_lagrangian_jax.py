@@ -1,6 +1,7 @@
 # PPO-Lagrangian: PPO whose advantage trades reward against cost with a multiplier lambda learned from the
-# episodic cost (Ray, Achiam & Amodei 2019, "Benchmarking Safe Exploration in Deep RL"); optional PID update of
-# lambda (Stooke, Achiam & Abbeel, ICML 2020, arXiv:2007.03964). Docs: README.md, section "ppo_lagrangian_jax.py".
+# episodic cost (Ray, Achiam & Amodei 2019, "Benchmarking Safe Exploration in Deep RL"), set by a PID controller
+# (Stooke, Achiam & Abbeel, ICML 2020, arXiv:2007.03964) or by gradient ascent. Docs: README.md, section
+# "ppo_lagrangian_jax.py".
 import contextlib
 import dataclasses
 import difflib
@@ -105,8 +106,8 @@ class Args:
     """episodic cost budget d"""
 
     # Algorithm specific arguments
-    num_steps: int = 5_000
-    """env steps per env in each rollout (SafePO/OmniSafe collect 20,000 steps per update)"""
+    num_steps: int = 2_500
+    """env steps per env in each rollout: 10,000 per update with 4 envs, 100 updates in the default budget"""
     gamma: float = 0.99
     """discount factor of rewards and costs"""
     gae_lambda: float = 0.95
@@ -133,18 +134,22 @@ class Args:
     """L2 penalty on the value networks' weights (SafePO/OmniSafe critic norm)"""
     hidden_sizes: tuple[int, ...] = (64, 64)
     """tanh hidden layers of the policy and of each value network"""
-    lagrangian_method: Literal["gradient", "pid"] = "gradient"
-    """gradient: projected Adam ascent on lambda; pid: PID-Lagrangian (Stooke et al. 2020)"""
+    lagrangian_method: Literal["gradient", "pid"] = "pid"
+    """how lambda follows the windowed episodic cost, once per rollout: Adam ascent or a PID controller"""
+    lagrange_window: int = 100
+    """the episodes, across rollouts, whose mean cost lambda follows (OmniSafe: 100)"""
     lagrange_init: float = 0.001
-    """initial lambda"""
+    """initial lambda (gradient method)"""
     lagrange_lr: float = 0.035
-    """Adam learning rate of lambda (gradient method)"""
-    pid_kp: float = 0.05
-    """proportional gain (pid method)"""
-    pid_ki: float = 0.0005
-    """integral gain (pid method)"""
-    pid_kd: float = 0.1
-    """derivative gain (pid method)"""
+    """Adam learning rate of lambda (gradient method; OmniSafe's rate, which it pairs with 500 updates)"""
+    pid_kp: float = 0.1
+    """proportional gain of the PID multiplier (OmniSafe's CPPOPID)"""
+    pid_ki: float = 0.01
+    """integral gain of the PID multiplier (OmniSafe's CPPOPID)"""
+    pid_kd: float = 0.01
+    """derivative gain of the PID multiplier, on rises of the smoothed cost only (OmniSafe's CPPOPID)"""
+    pid_cost_smoothing: float = 0.0
+    """per-episode EMA factor of the cost seen by the P and D terms (0: the windowed cost itself, as FSRL)"""
 
 
 # Flags that may differ between a run and its resumption; every other flag comes from the checkpoint.
@@ -182,7 +187,7 @@ def validate_args(args):
         fail(f"--cost-limit must be non-negative, got {args.cost_limit}")
     flag = lambda name: "--" + name.replace("_", "-")
     for name in ("num_steps", "update_epochs", "clip_coef", "target_kl", "max_grad_norm", "actor_lr", "critic_lr",
-                 "lagrange_lr", "eval_episodes", "checkpoint_every"):
+                 "lagrange_lr", "lagrange_window", "eval_episodes", "checkpoint_every"):
         if not getattr(args, name) > 0:
             fail(f"{flag(name)} must be positive, got {getattr(args, name)}")
     for name in ("eval_every", "ent_coef", "critic_l2_coef", "lagrange_init", "pid_kp", "pid_ki", "pid_kd"):
@@ -191,6 +196,8 @@ def validate_args(args):
     for name in ("gamma", "gae_lambda"):
         if not 0 < getattr(args, name) <= 1:
             fail(f"{flag(name)} must be in (0, 1], got {getattr(args, name)}")
+    if not 0 <= args.pid_cost_smoothing < 1:
+        fail(f"--pid-cost-smoothing must be in [0, 1), got {args.pid_cost_smoothing}")
     if not args.hidden_sizes or min(args.hidden_sizes) <= 0:
         fail(f"--hidden-sizes must be one or more positive layer widths, got {args.hidden_sizes}")
     if not 0 < args.minibatch_size <= args.num_steps * args.num_envs:
@@ -295,7 +302,9 @@ def update_obs_normalizer(normalizer, obs):
 
 
 def normalize_obs(normalizer, obs):
-    return jnp.clip((obs - normalizer.mean) / jnp.sqrt(normalizer.var + 1e-8), -10.0, 10.0)
+    """OmniSafe's normaliser: the standard deviation floored at 0.01, so that a feature that has barely varied yet is
+    not blown up, and the result clipped to [-5, 5]."""
+    return jnp.clip((obs - normalizer.mean) / jnp.maximum(jnp.sqrt(normalizer.var), 0.01), -5.0, 5.0)
 
 
 @flax.struct.dataclass
@@ -303,30 +312,63 @@ class LagrangeState:
     multiplier: jax.Array  # lambda >= 0
     adam_state: optax.OptState  # gradient method
     pid_integral: jax.Array  # pid method: the projected sum of (episodic cost - limit)
-    pid_previous_cost: jax.Array  # pid method
+    pid_smoothed_cost: jax.Array  # pid method
+    cost_window: jax.Array  # the episodic costs of the last lagrange_window episodes, a ring buffer
+    episodes_seen: jax.Array  # episodes ever added to the window
 
 
-def init_lagrange(initial_value, learning_rate):
-    multiplier = jnp.asarray(max(initial_value, 0.0), jnp.float32)
-    return LagrangeState(multiplier=multiplier, adam_state=optax.adam(learning_rate).init(multiplier),
-                         pid_integral=jnp.zeros(()), pid_previous_cost=jnp.zeros(()))
+def init_lagrange(args):
+    multiplier = jnp.asarray(args.lagrange_init, jnp.float32)
+    return LagrangeState(multiplier=multiplier, adam_state=optax.adam(args.lagrange_lr).init(multiplier),
+                         pid_integral=jnp.zeros(()), pid_smoothed_cost=jnp.asarray(args.cost_limit, jnp.float32),
+                         cost_window=jnp.zeros(args.lagrange_window), episodes_seen=jnp.zeros((), jnp.int32))
 
 
-def gradient_lagrange_update(lagrange, episode_cost, cost_limit, learning_rate):
+def add_episode_costs(lagrange, episode_costs):
+    window, seen = np.array(lagrange.cost_window), int(lagrange.episodes_seen)
+    for cost in episode_costs:
+        window[seen % len(window)] = cost
+        seen += 1
+    return lagrange.replace(cost_window=jnp.asarray(window), episodes_seen=jnp.asarray(seen, jnp.int32))
+
+
+def window_mean_cost(lagrange):
+    """The mean episodic cost over the window, which spans rollouts (OmniSafe feeds lambda the last 100 episodes)."""
+    window = np.asarray(lagrange.cost_window)
+    return float(np.mean(window[: min(int(lagrange.episodes_seen), len(window))]))
+
+
+def gradient_lagrange_update(lagrange, episodic_cost, cost_limit, learning_rate):
     """One Adam step on lambda minimising -lambda (J_c - d), then projected to lambda >= 0 (SafePO, OmniSafe)."""
-    gradient = -(jnp.asarray(episode_cost, jnp.float32) - cost_limit)
+    gradient = -(jnp.asarray(episodic_cost, jnp.float32) - cost_limit)
     update, adam_state = optax.adam(learning_rate).update(gradient, lagrange.adam_state)
     return lagrange.replace(multiplier=jnp.maximum(lagrange.multiplier + update, 0.0), adam_state=adam_state)
 
 
-def pid_lagrange_update(lagrange, episode_cost, cost_limit, kp, ki, kd):
-    """Stooke et al. 2020, Algorithm 2: lambda = (kp e + ki I + kd (J_c - J_c,prev)+)+, e = J_c - d, I = (I + e)+."""
-    episode_cost = jnp.asarray(episode_cost, jnp.float32)
-    error = episode_cost - cost_limit
-    integral = jnp.maximum(lagrange.pid_integral + error, 0.0)
-    derivative = jnp.maximum(episode_cost - lagrange.pid_previous_cost, 0.0)
-    multiplier = jnp.maximum(kp * error + ki * integral + kd * derivative, 0.0)
-    return lagrange.replace(multiplier=multiplier, pid_integral=integral, pid_previous_cost=episode_cost)
+def pid_lagrange(integral, smoothed_cost, episodic_cost, num_episodes, cost_limit, kp, ki, kd, smoothing):
+    """PID Lagrangian (Stooke et al. 2020): lambda = [kp (S - d) + ki I + kd [S - S_prev]^+]^+.
+
+    I = [I + J_c - d]^+ integrates J_c, the episodic cost this step is fed (a mean over num_episodes episodes);
+    the P and D terms see S, an exponential moving average over episodes started at d, so that the first step
+    has no derivative kick and the noise of a few episodes does not flip lambda. smoothing 0 is FSRL's controller
+    (whose previous error starts at 0, i.e. S_prev = d).
+    """
+    weight_kept = smoothing**num_episodes
+    new_smoothed_cost = weight_kept * smoothed_cost + (1 - weight_kept) * episodic_cost
+    integral = jnp.maximum(0.0, integral + episodic_cost - cost_limit)
+    lagrange = jnp.maximum(0.0, kp * (new_smoothed_cost - cost_limit) + ki * integral
+                           + kd * jnp.maximum(0.0, new_smoothed_cost - smoothed_cost))
+    return lagrange, integral, new_smoothed_cost
+
+
+def lagrange_update(lagrange, episodic_cost, num_episodes, args):
+    """One step of lambda from the windowed episodic cost, by args.lagrangian_method."""
+    if args.lagrangian_method == "gradient":
+        return gradient_lagrange_update(lagrange, episodic_cost, args.cost_limit, args.lagrange_lr)
+    multiplier, integral, smoothed_cost = pid_lagrange(
+        lagrange.pid_integral, lagrange.pid_smoothed_cost, episodic_cost, num_episodes, args.cost_limit, args.pid_kp,
+        args.pid_ki, args.pid_kd, args.pid_cost_smoothing)
+    return lagrange.replace(multiplier=multiplier, pid_integral=integral, pid_smoothed_cost=smoothed_cost)
 
 
 def compute_gae(rewards, values, last_values, final_values, terminations, truncations, gamma, gae_lambda):
@@ -414,7 +456,7 @@ def make_train_iteration(args, actor, value_network):
             actor=TrainState.create(apply_fn=actor.apply, params=actor.init(actor_key, dummy_obs), tx=actor_tx),
             reward_critic=critic(reward_key), cost_critic=critic(cost_key),
             obs_normalizer=ObsNormalizer(mean=jnp.zeros(obs_dim), var=jnp.ones(obs_dim), count=jnp.asarray(1e-4)),
-            lagrange=init_lagrange(args.lagrange_init, args.lagrange_lr))
+            lagrange=init_lagrange(args))
 
     def loss_fn(params, batch):
         actor_params, reward_params, cost_params = params
@@ -575,12 +617,8 @@ def main(args):
             "args": vars(args), "run_name": run_name, "global_step": step, "key": np.asarray(key),
             "state": flax.serialization.to_state_dict(jax.device_get(agent_state))})
 
-    if args.lagrangian_method == "pid":
-        update_lagrange = jax.jit(lambda lagrange, episode_cost: pid_lagrange_update(
-            lagrange, episode_cost, args.cost_limit, args.pid_kp, args.pid_ki, args.pid_kd))
-    else:
-        update_lagrange = jax.jit(lambda lagrange, episode_cost: gradient_lagrange_update(
-            lagrange, episode_cost, args.cost_limit, args.lagrange_lr))
+    update_lagrange = jax.jit(lambda lagrange, episodic_cost, num_episodes: lagrange_update(
+        lagrange, episodic_cost, num_episodes, args))
 
     # Acting gets the networks' parameters alone: flattening the whole state, optimisers included, costs more.
     @jax.jit
@@ -653,8 +691,10 @@ def main(args):
 
             last_values = values(params, state.obs_normalizer, obs.astype(np.float32))
             rollout["last_values_reward"], rollout["last_values_cost"] = last_values
-            if rollout_episode_costs:  # lambda moves before the policy update; with no finished episode it stays
-                state = state.replace(lagrange=update_lagrange(state.lagrange, np.mean(rollout_episode_costs)))
+            lagrange = add_episode_costs(state.lagrange, rollout_episode_costs)
+            if lagrange.episodes_seen > 0:  # lambda moves before the policy update, once an episode has ended
+                lagrange = update_lagrange(lagrange, window_mean_cost(lagrange), len(rollout_episode_costs))
+            state = state.replace(lagrange=lagrange)
             learning_rate = args.actor_lr * (1 - previous_step / args.total_timesteps if args.anneal_lr else 1)
             key, train_key = jax.random.split(key)
             previous_state = state

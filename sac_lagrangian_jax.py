@@ -231,6 +231,8 @@ def step_costs(infos, num_envs):
             costs[i] = infos["cost"][i]
         else:
             fail("the env does not report a cost in info['cost']")
+    if np.any(costs < 0):  # the cost critics' bootstrap is floored at 0
+        fail(f"the env reported a negative cost ({costs.min()}); SAC-Lagrangian needs costs >= 0")
     return costs
 
 
@@ -331,7 +333,7 @@ class ReplayBuffer:
 
 
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
-REWARD_CRITICS, COST_CRITIC = slice(0, 2), 2  # members of the critic ensemble
+REWARD_CRITICS, COST_CRITICS = slice(0, 2), slice(2, 4)  # members of the critic ensemble
 
 
 class Actor(nn.Module):
@@ -362,14 +364,14 @@ class QNetwork(nn.Module):
 
 
 class CriticEnsemble(nn.Module):
-    """Twin reward critics and one cost critic as one vmapped ensemble: output (3, ...)."""
+    """Twin reward critics and twin cost critics as one vmapped ensemble: output (4, ...)."""
 
     hidden_sizes: tuple
 
     @nn.compact
     def __call__(self, obs, action):
         ensemble = nn.vmap(QNetwork, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=None,
-                           out_axes=0, axis_size=3)
+                           out_axes=0, axis_size=4)
         return ensemble(self.hidden_sizes)(obs, action)
 
 
@@ -397,23 +399,34 @@ def squashed_gaussian_sample(mean, log_std, key, action_scale, action_bias):
 
 
 def critic_targets(batch, next_q_values, next_log_prob, alpha):
-    """TD targets from (3, B) target-critic values and log pi at (bootstrap_obs, a' ~ pi).
+    """TD targets from (4, B) target-critic values and log pi at (bootstrap_obs, a' ~ pi).
 
     Reward: n-step reward return + discount (min of the twin Q_r - alpha log pi); the entropy bonus belongs to
-    the reward only. Cost: n-step cost return + discount Q_c. The discount is gamma^m, or 0 after a terminal.
+    the reward only. Cost: n-step cost return + discount max(0, max of the twin Q_c). The discount is gamma^m,
+    or 0 after a terminal.
+
+    The actor minimises lambda Q_c, so it seeks the actions whose Q_c is most underestimated, and the bootstrap
+    at a' ~ pi carries that error into every target, amplified by 1 / (1 - gamma): a single cost critic drifts
+    low, then below zero (TD3's argument for the min of twin reward critics, mirrored). The max of two
+    independently trained cost critics (as in cvpo_jax.py --double-critic) is not talked down unless both are;
+    it also prices the actor's actions. Costs are never negative, so neither is the value bootstrapped from. No
+    upper clip: the largest cost per step is not known for an arbitrary env, and an overestimate errs on the safe
+    side.
     """
     soft_next_value = next_q_values[REWARD_CRITICS].min(0) - alpha * next_log_prob
     reward_target = batch["reward_return"] + batch["bootstrap_discount"] * soft_next_value
-    cost_target = batch["cost_return"] + batch["bootstrap_discount"] * next_q_values[COST_CRITIC]
+    next_cost_value = jnp.maximum(next_q_values[COST_CRITICS].max(0), 0.0)
+    cost_target = batch["cost_return"] + batch["bootstrap_discount"] * next_cost_value
     return reward_target, cost_target
 
 
 def pid_lagrange(integral, smoothed_cost, episodic_cost, num_episodes, cost_limit, kp, ki, kd, smoothing):
     """PID Lagrangian (Stooke et al. 2020): lambda = [kp (S - d) + ki I + kd [S - S_prev]^+]^+.
 
-    I = [I + J_c - d]^+ integrates J_c, the mean cost of the episodes since the last step; the P and D terms
-    see S, an exponential moving average over episodes (started at d), so that the noise of a few episodes
-    does not flip lambda. smoothing 0 is FSRL's controller.
+    I = [I + J_c - d]^+ integrates J_c, the episodic cost this step is fed (a mean over num_episodes episodes);
+    the P and D terms see S, an exponential moving average over episodes started at d, so that the first step
+    has no derivative kick and the noise of a few episodes does not flip lambda. smoothing 0 is FSRL's controller
+    (whose previous error starts at 0, i.e. S_prev = d).
     """
     weight_kept = smoothing**num_episodes
     new_smoothed_cost = weight_kept * smoothed_cost + (1 - weight_kept) * episodic_cost
@@ -454,7 +467,7 @@ def make_train_functions(args, actor, critic, action_scale, action_bias, action_
         def loss_fn(params):
             q_values = critic.apply(params, batch["obs"], batch["actions"])
             reward_loss = jnp.mean((q_values[REWARD_CRITICS] - reward_target) ** 2)
-            cost_loss = jnp.mean((q_values[COST_CRITIC] - cost_target) ** 2)
+            cost_loss = jnp.mean((q_values[COST_CRITICS] - cost_target) ** 2)
             return reward_loss + cost_loss, (reward_loss, cost_loss)
 
         (_, (reward_loss, cost_loss)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.critic.params)
@@ -470,8 +483,9 @@ def make_train_functions(args, actor, critic, action_scale, action_bias, action_
             actions, log_prob = sample_policy(params, obs, key)
             q_values = critic.apply(state.critic.params, obs, actions)
             # Dividing by 1 + lambda keeps the gradient scale when lambda grows (Stooke et al., Alg. 1).
-            objective = alpha * log_prob - q_values[REWARD_CRITICS].min(0) + lagrange * q_values[COST_CRITIC]
-            return jnp.mean(objective) / (1.0 + lagrange), (log_prob, q_values[COST_CRITIC])
+            q_cost = q_values[COST_CRITICS].max(0)
+            objective = alpha * log_prob - q_values[REWARD_CRITICS].min(0) + lagrange * q_cost
+            return jnp.mean(objective) / (1.0 + lagrange), (log_prob, q_cost)
 
         (actor_loss, (log_prob, q_cost)), grads = jax.value_and_grad(actor_loss_fn, has_aux=True)(state.actor.params)
         entropy_gap = jax.lax.stop_gradient(log_prob) + target_entropy

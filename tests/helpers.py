@@ -34,3 +34,23 @@ def only_run_dir(cwd):
     return run_dirs[0]
 
 
+
+
+# One sequence of (mean episodic cost, episodes it averages) for the PID multiplier of both Lagrangian files, under a
+# limit of 25; the first cost is below the limit, so a controller without a derivative kick starts at lambda = 0.
+PID_COST_LIMIT = 25.0
+PID_COSTS = [(16.9, 3), (40.0, 4), (60.0, 2), (30.0, 4), (10.0, 1), (0.0, 4), (0.0, 4), (26.0, 3)]
+FSRL_GAINS = (0.05, 0.0005, 0.1)  # kp, ki, kd
+
+
+def fsrl_pid_multipliers(costs, cost_limit, kp, ki, kd):
+    """FSRL's LagrangianOptimizer.step (fsrl/utils/optim_util.py) in its own error form; its previous error starts
+    at 0, so the first derivative term is [J_c - d]^+."""
+    integral = previous_error = 0.0
+    multipliers = []
+    for cost in costs:
+        error = cost - cost_limit
+        integral = max(0.0, integral + error)
+        multipliers.append(max(0.0, kp * error + ki * integral + kd * max(0.0, error - previous_error)))
+        previous_error = error
+    return multipliers
