@@ -12,7 +12,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Callable, Literal, NamedTuple, Optional
 
 import numpy as np
 
@@ -86,6 +86,8 @@ class Args:
     """env steps between checkpoints (with --save-model)"""
     resume: Optional[str] = None
     """path of a checkpoint to continue from, with the configuration saved in it"""
+    progress_every: float = 60.0
+    """seconds between progress lines when stdout is not a terminal (a terminal shows a progress bar)"""
     eval_checkpoint: Optional[str] = None
     """evaluate this checkpoint for --eval-episodes episodes instead of training"""
     eval_every: int = 100_000
@@ -118,12 +120,12 @@ class Args:
     """env steps collected before the first update"""
     updates_per_step: float = 0.2
     """gradient updates per env step"""
-    update_interval: int = 2_000
-    """env steps per round; a round runs its updates in one jitted scan, then refreshes pi_old"""
+    update_interval: Optional[int] = None
+    """env steps per round of updates, after which pi_old is refreshed (computed at run time: 10 episodes, as FSRL)"""
     hidden_sizes: tuple[int, ...] = (128, 128)
     """hidden layers of the actor and of each critic"""
     double_critic: bool = False
-    """twin critics: min of two reward critics, max of two cost critics"""
+    """twin critics: min of two reward critics, max of two cost critics, in the E-step and the targets"""
     critic_lr: float = 1e-3
     """learning rate of the critics"""
     actor_lr: float = 5e-4
@@ -132,25 +134,29 @@ class Args:
     """K: actions sampled from pi_old per state in the E-step"""
     estep_kl: float = 0.02
     """eps_kl: bound on KL(q || pi_old) in the E-step"""
-    estep_solver: Literal["converge", "fsrl"] = "converge"
-    """converge: solve the E-step dual to tolerance each update; fsrl: one Adam step per update (FSRL)"""
-    estep_dual_lr: float = 0.1
-    """Adam rate on the duals: on log(eta, lambda) for converge, on (eta, lambda) for fsrl (which uses 0.02)"""
-    estep_max_iterations: int = 200
-    """iteration cap of the converge solver"""
-    estep_tolerance: float = 1e-4
-    """the converge solver stops when no log-dual moves more than this"""
+    estep_solver: Literal["newton", "fsrl"] = "newton"
+    """newton: solve the E-step dual to its KKT tolerance each update; fsrl: one Adam step per update (FSRL)"""
+    estep_dual_lr: float = 0.02
+    """Adam rate on (eta, lambda) of the fsrl solver"""
+    estep_max_iterations: int = 50
+    """Newton iteration cap of the newton solver"""
+    estep_tolerance: float = 1e-3
+    """the newton solver stops when KL(q || pi_old) and E_q[Q_c] meet their bounds to this relative tolerance"""
     estep_dual_min: float = 1e-6
-    """lower bound of eta and lambda"""
-    estep_dual_max: float = 20.0
-    """upper bound of eta and lambda"""
+    """lower bound of eta (and of lambda with the fsrl solver)"""
+    estep_dual_max: Optional[float] = None
+    """upper bound of lambda (and of eta with fsrl) (computed at run time: 1e5 for newton, 20 for fsrl, as FSRL)"""
     mstep_kl_mu: float = 0.005
     """eps_mu: bound on the KL of the mean in the M-step"""
     mstep_kl_sigma: float = 0.0005
     """eps_sigma: bound on the KL of the standard deviation in the M-step"""
+    mstep_kl_std_floor: float = 0.1
+    """the KL of the mean measures its move against max(sigma_old, this floor) (in action units)"""
     mstep_dual_lr: float = 0.1
-    """Adam rate of the M-step multipliers alpha_mu, alpha_sigma (reset to 0 each round)"""
-    mstep_dual_max: float = 0.5
+    """rate of the M-step multipliers alpha_mu, alpha_sigma in log space (kept across rounds)"""
+    mstep_dual_min: float = 1e-3
+    """lower bound of the M-step multipliers"""
+    mstep_dual_max: float = 1e4
     """upper bound of the M-step multipliers"""
     episode_length: Optional[int] = None
     """episode length T for the cost threshold (computed at run time from the env spec when unset)"""
@@ -158,7 +164,7 @@ class Args:
 
 # Flags that may differ between a run and its resumption; every other flag comes from the checkpoint.
 SESSION_FLAGS = ("total_timesteps", "track", "wandb_project_name", "wandb_entity", "capture_video", "save_model",
-                 "checkpoint_every", "eval_every", "eval_episodes", "async_envs")
+                 "checkpoint_every", "eval_every", "eval_episodes", "async_envs", "progress_every")
 
 
 def fail(message):
@@ -191,19 +197,23 @@ def validate_args(args):
         fail(f"--cost-limit must be non-negative, got {args.cost_limit}")
     flag = lambda name: "--" + name.replace("_", "-")
     for name in ("batch_size", "buffer_size", "n_step", "update_interval", "updates_per_step", "num_sampled_actions",
-                 "critic_lr", "actor_lr", "estep_kl", "estep_dual_lr", "estep_max_iterations", "mstep_kl_mu",
-                 "mstep_kl_sigma", "mstep_dual_lr", "mstep_dual_max", "eval_episodes", "checkpoint_every"):
-        if not getattr(args, name) > 0:
+                 "critic_lr", "actor_lr", "estep_kl", "estep_dual_lr", "estep_max_iterations", "estep_dual_min",
+                 "estep_dual_max",
+                 "mstep_kl_mu", "mstep_kl_sigma", "mstep_dual_lr", "mstep_dual_min", "eval_episodes",
+                 "checkpoint_every"):
+        if getattr(args, name) is not None and not getattr(args, name) > 0:
             fail(f"{flag(name)} must be positive, got {getattr(args, name)}")
-    for name in ("learning_starts", "eval_every", "estep_tolerance"):
+    for name in ("learning_starts", "eval_every", "estep_tolerance", "progress_every", "mstep_kl_std_floor"):
         if getattr(args, name) < 0:
             fail(f"{flag(name)} must be non-negative, got {getattr(args, name)}")
     if not 0 < args.gamma < 1:
         fail(f"--gamma must be in (0, 1) (the cost threshold divides by 1 - gamma), got {args.gamma}")
     if not 0 < args.tau <= 1:
         fail(f"--tau must be in (0, 1], got {args.tau}")
-    if not 0 < args.estep_dual_min < args.estep_dual_max:
+    if args.estep_dual_max is not None and not 0 < args.estep_dual_min < args.estep_dual_max:
         fail(f"need 0 < --estep-dual-min < --estep-dual-max, got {args.estep_dual_min}, {args.estep_dual_max}")
+    if not 0 < args.mstep_dual_min < args.mstep_dual_max:
+        fail(f"need 0 < --mstep-dual-min < --mstep-dual-max, got {args.mstep_dual_min}, {args.mstep_dual_max}")
     if not args.hidden_sizes or min(args.hidden_sizes) <= 0:
         fail(f"--hidden-sizes must be one or more positive layer widths, got {args.hidden_sizes}")
     if args.episode_length is not None and args.episode_length <= 0:
@@ -276,6 +286,13 @@ class MetricsLogger:
             self.wandb.finish()
 
 
+def progress_line(global_step, total_timesteps, start_step, start_time, recent):
+    sps = (global_step - start_step) / max(time.time() - start_time, 1e-9)
+    episodes = (f"return {np.mean(recent['return']):.2f}, cost {np.mean(recent['cost']):.2f} (last "
+                f"{len(recent['return'])} episodes)" if recent["return"] else "no episode finished yet")
+    return f"global step {global_step:,}/{total_timesteps:,}: {sps:,.0f} steps/s, {episodes}"
+
+
 def save_checkpoint(path, checkpoint):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "wb") as file:
@@ -314,6 +331,16 @@ class ReplayBuffer:
     def size(self):
         return self.rows if self.full else self.position
 
+    def latest(self, rows):
+        """The newest rows (at most `rows`), oldest first."""
+        order = (self.position - np.arange(min(rows, self.size()), 0, -1)) % self.rows
+        return {name: values[order] for name, values in self.data.items()}
+
+    def mark_newest_episode_end(self):
+        """On resume the envs start new episodes: n-step returns must not run from the old ones into them."""
+        if self.size():
+            self.data["episode_ended"][(self.position - 1) % self.rows] = True
+
     def sample_n_step(self, rng, shape, n_step, gamma):
         """n-step returns of reward and cost; a terminal cuts the bootstrap, a truncation keeps it.
 
@@ -343,6 +370,35 @@ class ReplayBuffer:
             "bootstrap_obs": self.data["next_obs"][last_row, envs],
             "bootstrap_discount": discount.astype(np.float32),
         }
+
+
+def discounted_cost_to_go(costs, episode_ended, terminated, gamma):
+    """Monte Carlo discounted cost-to-go of each step of time-major (T, N) data, within its episode.
+
+    Steps whose episode does not end inside the data get NaN. After a time-limit truncation the critics keep
+    bootstrapping, so the episode's mean cost per step is continued forever there: the value that a critic of the
+    infinite-horizon discounted cost estimates for a stationary cost.
+    """
+    values = np.full(costs.shape, np.nan)
+    for env in range(costs.shape[1]):
+        start = 0
+        for end in np.flatnonzero(episode_ended[:, env]):
+            future = 0.0 if terminated[end, env] else costs[start:end + 1, env].mean() / (1 - gamma)
+            for t in range(end, start - 1, -1):
+                future = costs[t, env] + gamma * future
+                values[t, env] = future
+            start = end + 1
+    return values
+
+
+def cost_critic_bias(rows, gamma, cost_q):
+    """The cost critic at the states and actions of the newest buffer rows against their Monte Carlo cost-to-go."""
+    cost_to_go = discounted_cost_to_go(rows["costs"], rows["episode_ended"], rows["terminated"], gamma)
+    known = np.isfinite(cost_to_go)
+    if not known.any():
+        return {}
+    q_cost = np.asarray(cost_q(rows["obs"], rows["actions"]))
+    return {"bias/q_cost_recent": float(q_cost[known].mean()), "bias/mc_cost_recent": float(cost_to_go[known].mean())}
 
 
 LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
@@ -394,63 +450,191 @@ class CVPOState:
     critic: TrainState
     target_critic_params: flax.core.FrozenDict
     old_actor_params: flax.core.FrozenDict  # pi_old: the actor that collected the current round
-    log_duals: jax.Array  # log(eta), log(lambda): the E-step duals, warm-started across updates
+    duals: jax.Array  # eta, lambda: the E-step duals of the last feasible update, warm-starting the next
+    cost_temperature: jax.Array  # the temperature of the least-cost q inside the KL ball, warm-started too
     dual_opt_state: optax.OptState  # used by the fsrl solver only
-    mstep_alphas: jax.Array  # alpha_mu, alpha_sigma
-    mstep_alpha_opt_state: optax.OptState
+    mstep_log_alphas: jax.Array  # log alpha_mu, log alpha_sigma: the M-step multipliers, kept across rounds
 
 
 def gaussian_log_prob(x, mean, std):
     return jnp.sum(-0.5 * ((x - mean) / std) ** 2 - jnp.log(std) - 0.5 * jnp.log(2 * jnp.pi), axis=-1)
 
 
-def decoupled_gaussian_kl(mean_old, std_old, mean, std):
-    """MPO's decoupled KL(pi_old || pi): the mean part (std fixed to std_old) and the std part (mean fixed)."""
-    kl_mean = jnp.mean(jnp.sum((mean_old - mean) ** 2 / (2 * std_old**2), axis=-1))
+def decoupled_gaussian_kl(mean_old, std_old, mean, std, std_floor=0.0):
+    """MPO's decoupled KL(pi_old || pi): the mean part (std fixed to std_old) and the std part (mean fixed).
+
+    The mean part measures the move against max(std_old, std_floor): where pi_old is nearly deterministic, a small
+    absolute move of the mean would otherwise count as a huge KL, and a few such states dominate a batch's mean.
+    """
+    kl_mean = jnp.mean(jnp.sum((mean_old - mean) ** 2 / (2 * jnp.maximum(std_old, std_floor) ** 2), axis=-1))
     kl_std = jnp.mean(jnp.sum(0.5 * (2 * jnp.log(std / std_old) + std_old**2 / std**2 - 1), axis=-1))
     return kl_mean, kl_std
 
 
-def estep_dual(log_duals, q_reward, q_cost, eps_kl, eps_cost):
+def estep_dual(duals, q_reward, q_cost, eps_kl, eps_cost):
     """g(eta, lambda) on (B, K) Q values; its minimiser gives q(a_k|s) = softmax_k((Q_r - lambda Q_c) / eta)."""
-    eta, lagrange = jnp.exp(log_duals[0]), jnp.exp(log_duals[1])
-    scaled = (q_reward - lagrange * q_cost) / eta
+    eta, lagrange = duals[0], duals[1]
+    # lambda eps_cost is taken inside the log-sum-exp as lambda (Q_c - eps_cost): the same g, without the
+    # cancellation of two large terms when lambda is large.
+    scaled = (q_reward - lagrange * (q_cost - eps_cost)) / eta
     log_mean_exp = jax.nn.logsumexp(scaled, axis=1) - jnp.log(q_reward.shape[1])
-    return eta * eps_kl + lagrange * eps_cost + eta * jnp.mean(log_mean_exp)
+    return eta * eps_kl + eta * jnp.mean(log_mean_exp)
 
 
-def solve_estep_dual(log_duals, q_reward, q_cost, eps_kl, eps_cost, learning_rate, max_iterations, tolerance,
-                     dual_min, dual_max):
-    """Projected Adam on log(eta, lambda), warm-started, until no coordinate moves more than tolerance."""
-    optimizer = optax.adam(learning_rate)
-    bounds = jnp.log(dual_min), jnp.log(dual_max)
+def estep_dual_derivatives(duals, q_reward, q_cost, eps_kl, eps_cost):
+    """Value, gradient and Hessian of g in closed form, from the moments of Q_r - lambda Q_c and Q_c under q.
+
+    The gradient is the slack of the two constraints: (eps_kl - KL(q || pi_old), eps_cost - E_q[Q_c]).
+    """
+    eta, lagrange = duals[0], duals[1]
+    advantage = q_reward - lagrange * (q_cost - eps_cost)
+    log_weights = jax.nn.log_softmax(advantage / eta, axis=1)
+    weights = jnp.exp(log_weights)
+    kl = jnp.mean(jnp.sum(weights * (log_weights + jnp.log(q_reward.shape[1])), axis=1))
+    advantage_dev = advantage - jnp.sum(weights * advantage, axis=1, keepdims=True)
+    cost_dev = q_cost - jnp.sum(weights * q_cost, axis=1, keepdims=True)
+    var_advantage, var_cost, covariance = (jnp.mean(jnp.sum(weights * x * y, axis=1)) for x, y in (
+        (advantage_dev, advantage_dev), (cost_dev, cost_dev), (advantage_dev, cost_dev)))
+    gradient = jnp.stack([eps_kl - kl, eps_cost - jnp.mean(jnp.sum(weights * q_cost, axis=1))])
+    hessian = jnp.array([[var_advantage / eta**3, covariance / eta**2], [covariance / eta**2, var_cost / eta]])
+    return estep_dual(duals, q_reward, q_cost, eps_kl, eps_cost), gradient, hessian
+
+
+def estep_cost_unit(eps_cost, q_cost):
+    """The scale on which the cost bound is met: eps_cost, or the spread of Q_c over the samples when larger."""
+    return jnp.maximum(eps_cost, jnp.mean(jnp.std(q_cost, axis=1))) + 1e-8
+
+
+def estep_kkt_residual(slack, at_lower, at_upper, eps_kl, eps_cost, q_cost):
+    """Largest violation of the E-step's KKT conditions: a dual inside its bounds needs a zero slack, one on its
+    lower (upper) bound a non-negative (non-positive) one. The KL is measured in units of eps_kl, the cost in units
+    of estep_cost_unit."""
+    units = jnp.stack([eps_kl, estep_cost_unit(eps_cost, q_cost)])
+    residual = jnp.where(at_lower, jnp.minimum(slack, 0.0), jnp.where(at_upper, jnp.maximum(slack, 0.0), slack))
+    residual = jnp.where(at_lower & at_upper, 0.0, residual)  # a dual fixed by its bounds
+    return jnp.max(jnp.abs(residual) / units)
+
+
+def minimise_dual(duals, q_reward, q_cost, eps_kl, eps_cost, lambda_bounds, max_iterations, tolerance, eta_min):
+    """Minimise g over eta >= eta_min and lambda in lambda_bounds by projected Newton steps from `duals`.
+
+    The steps are taken in (log eta, lambda), at most a factor e^2 in eta at a time, since g is nearly linear in
+    eta far from its minimum. Stops once the KKT residual (estep_kkt_residual) is within tolerance. Returns the
+    duals, the Newton iterations taken and the KKT residual.
+    """
+    lower, upper = jnp.array([jnp.log(eta_min), lambda_bounds[0]]), jnp.array([jnp.inf, lambda_bounds[1]])
+
+    q_reward = q_reward - jnp.mean(q_reward, axis=1, keepdims=True)  # shifts g by a constant, for float32
+
+    def derivatives(y):  # of g in y = (log eta, lambda); the Hessian keeps only its positive curvature
+        eta = jnp.exp(y[0])
+        value, slack, hessian = estep_dual_derivatives(jnp.stack([eta, y[1]]), q_reward, q_cost, eps_kl, eps_cost)
+        gradient = slack * jnp.stack([eta, 1.0])
+        hessian = hessian * jnp.outer(jnp.stack([eta, 1.0]), jnp.stack([eta, 1.0]))
+        hessian = hessian.at[0, 0].add(jnp.maximum(gradient[0], 0.0))
+        return value, slack, gradient, hessian
+
+    kkt_residual = lambda y, slack: estep_kkt_residual(slack, y <= lower, y >= upper, eps_kl, eps_cost, q_cost)
 
     def not_converged(carry):
-        _, _, iteration, largest_move = carry
-        return (iteration < max_iterations) & (largest_move > tolerance)
+        y, value, slack, gradient, hessian, iteration, stalled = carry
+        return (iteration < max_iterations) & ~stalled & (kkt_residual(y, slack) > tolerance)
 
-    def adam_step(carry):
-        x, opt_state, iteration, _ = carry
-        grad = jax.grad(estep_dual)(x, q_reward, q_cost, eps_kl, eps_cost)
-        update, opt_state = optimizer.update(grad, opt_state)
-        new_x = jnp.clip(x + update, *bounds)
-        return new_x, opt_state, iteration + 1, jnp.max(jnp.abs(new_x - x))
+    def newton_step(carry):
+        y, value, slack, gradient, hessian, iteration, _ = carry
+        # A dual held on a bound by its gradient stays there; the Newton step moves the others.
+        free = ~(((y <= lower) & (gradient > 0)) | ((y >= upper) & (gradient < 0)))
+        reduced = jnp.where(free[:, None] & free[None, :], hessian, jnp.eye(2))
+        # g is nearly linear along some directions (a constant Q, or the ray eta / lambda = const when lambda is
+        # large), so the Hessian can be singular: solve it scaled to a unit diagonal and slightly damped.
+        scale = 1.0 / jnp.sqrt(jnp.diag(reduced) + 1e-30)
+        normalized = reduced * jnp.outer(scale, scale) + 1e-4 * jnp.eye(2)
+        direction = -scale * jnp.linalg.solve(normalized, scale * jnp.where(free, gradient, 0.0))
+        direction = jnp.clip(jnp.nan_to_num(direction), -1e12, 1e12)
+        # Move eta by at most a factor e^2: clip that coordinate alone while the step still descends, else
+        # shorten the whole step.
+        clipped = direction.at[0].set(jnp.clip(direction[0], -2.0, 2.0))
+        shortened = direction * jnp.minimum(1.0, 2.0 / (jnp.abs(direction[0]) + 1e-30))
+        direction = jnp.where(jnp.dot(gradient, clipped) < 0, clipped, shortened)
 
-    x = jnp.clip(log_duals, *bounds)
-    x, _, iterations, _ = jax.lax.while_loop(not_converged, adam_step, (x, optimizer.init(x), 0, jnp.inf))
-    return x, iterations
+        # Backtrack until g decreases enough. Where float32 cannot resolve the change of g (near the optimum, or
+        # where g is nearly linear), a step after which g still descends along the step is taken too.
+        def evaluate(step):
+            candidate = jnp.clip(y + step * direction, lower, upper)
+            return (step, candidate, *derivatives(candidate))
+
+        def acceptable(search):
+            step, candidate, candidate_value, _, candidate_gradient, _ = search
+            decrease = candidate_value - value
+            sufficient = decrease <= 1e-4 * jnp.dot(gradient, candidate - y)
+            descending = (jnp.dot(candidate_gradient, candidate - y) <= 0) & (decrease <= 1e-5 * jnp.abs(value))
+            return sufficient | descending
+
+        search = jax.lax.while_loop(lambda search: ~acceptable(search) & (search[0] > 2.0**-20),
+                                    lambda search: evaluate(search[0] / 2), evaluate(1.0))
+        stalled = ~acceptable(search)
+        accepted = jax.tree.map(lambda new, old: jnp.where(stalled, old, new), search[1:],
+                                (y, value, slack, gradient, hessian))
+        return (*accepted, iteration + 1, stalled)
+
+    y = jnp.clip(jnp.stack([jnp.log(duals[0]), duals[1]]), lower, upper)
+    y, _, slack, _, _, iterations, _ = jax.lax.while_loop(not_converged, newton_step,
+                                                          (y, *derivatives(y), 0, False))
+    return jnp.stack([jnp.exp(y[0]), y[1]]), iterations, kkt_residual(y, slack)
+
+
+def solve_estep(duals, cost_temperature, q_reward, q_cost, eps_kl, eps_cost, max_iterations, tolerance, dual_min,
+                dual_max):
+    """The E-step, feasible or not: the logits of q(a_k|s) over the K samples, and how they were found.
+
+    First the least expected cost inside the KL ball: g with Q_r = 0 and lambda = 1 is the dual of that problem,
+    minimised over its temperature alone. If it does not undercut eps_cost by more than the tolerance, no q inside
+    the ball meets the cost bound (lambda is unbounded), and q is that cost minimiser. Otherwise g is minimised over
+    (eta, lambda), warm-started from the last feasible update. Returns the new duals (eta, lambda: kept from the last
+    feasible update when infeasible), the cost temperature, the logits, the infeasibility flag, the Newton iterations
+    of both solves and the KKT residual of the solution.
+    """
+    no_reward = jnp.zeros_like(q_cost)
+    (cost_temperature, _), cost_iterations, cost_residual = minimise_dual(
+        jnp.stack([cost_temperature, 1.0]), no_reward, q_cost, eps_kl, eps_cost, (1.0, 1.0), max_iterations, tolerance,
+        dual_min)
+    _, least_cost_slack, _ = estep_dual_derivatives(jnp.stack([cost_temperature, 1.0]), no_reward, q_cost, eps_kl,
+                                                    eps_cost)
+    infeasible = least_cost_slack[1] < tolerance * estep_cost_unit(eps_cost, q_cost)
+
+    def feasible_solve(duals):
+        return minimise_dual(duals, q_reward, q_cost, eps_kl, eps_cost, (0.0, dual_max), max_iterations, tolerance,
+                             dual_min)
+
+    duals, iterations, residual = jax.lax.cond(infeasible, lambda duals: (duals, 0, cost_residual), feasible_solve,
+                                               duals)
+    logits = jnp.where(infeasible, -q_cost / cost_temperature, (q_reward - duals[1] * q_cost) / duals[0])
+    return duals, cost_temperature, logits, infeasible, cost_iterations + iterations, residual
 
 
 def cost_threshold(cost_limit, gamma, episode_length):
-    """The episodic budget d as a per-state bound on Q_c: d (1 - gamma^T) / ((1 - gamma) T)."""
-    return cost_limit * (1 - gamma**episode_length) / ((1 - gamma) * episode_length)
+    """The episodic budget d as a bound on Q_c: d / ((1 - gamma) T), the discounted cost-to-go of a cost of d / T
+    per step. The critics bootstrap through time-limit truncations, so they estimate this infinite-horizon value."""
+    return cost_limit / ((1 - gamma) * episode_length)
+
+
+class CVPOUpdates(NamedTuple):
+    update_critics: Callable  # (state, batch, key) -> state, metrics
+    estep: Callable  # (state, obs, key) -> state, sampled actions, weights q(a_k|s), metrics
+    mstep: Callable  # (state, obs, sampled, weights) -> state, metrics
+    train_round: Callable  # jitted: (state, batches, key) -> state, per-round metrics
+    init_state: Callable  # (key, obs_dim, action_dim) -> state
+
+
+# Bounded quantities whose largest value within a round is logged beside the round mean.
+ROUND_MAXIMA = ("estep/kl_q_pi_old", "estep/q_cost", "estep/kkt_residual", "mstep/kl_mu", "mstep/kl_sigma")
 
 
 def make_train_round(args, actor, critic, action_low, action_high, eps_cost):
     critics = 2 if args.double_critic else 1
     dual_optimizer = optax.adam(args.estep_dual_lr)
-    alpha_optimizer = optax.adam(args.mstep_dual_lr)
     mstep_bounds = jnp.array([args.mstep_kl_mu, args.mstep_kl_sigma])
+    log_alpha_bounds = jnp.log(args.mstep_dual_min), jnp.log(args.mstep_dual_max)
 
     def reward_and_cost(q_values):
         return q_values[:critics].min(0), q_values[critics:].max(0)
@@ -483,61 +667,77 @@ def make_train_round(args, actor, critic, action_low, action_high, eps_cost):
         repeated_obs = jnp.broadcast_to(obs[:, None], (*sampled.shape[:2], obs.shape[-1]))
         q_reward, q_cost = reward_and_cost(  # (B, K) each
             critic.apply(state.critic.params, repeated_obs, jnp.clip(sampled, action_low, action_high)))
-        if args.estep_solver == "converge":
-            log_duals, iterations = solve_estep_dual(
-                state.log_duals, q_reward, q_cost, args.estep_kl, eps_cost, args.estep_dual_lr,
+        if args.estep_solver == "newton":
+            duals, cost_temperature, logits, infeasible, iterations, kkt_residual = solve_estep(
+                state.duals, state.cost_temperature, q_reward, q_cost, args.estep_kl, eps_cost,
                 args.estep_max_iterations, args.estep_tolerance, args.estep_dual_min, args.estep_dual_max)
             dual_opt_state = state.dual_opt_state
         else:
             # FSRL: one Adam step on (eta, lambda) themselves, clipped to the bounds, state kept across updates.
-            duals = jnp.exp(state.log_duals)
-            grad = jax.grad(lambda d: estep_dual(jnp.log(d), q_reward, q_cost, args.estep_kl, eps_cost))(duals)
+            grad = jax.grad(estep_dual)(state.duals, q_reward, q_cost, args.estep_kl, eps_cost)
             update, dual_opt_state = dual_optimizer.update(grad, state.dual_opt_state)
-            log_duals = jnp.log(jnp.clip(duals + update, args.estep_dual_min, args.estep_dual_max))
-            iterations = jnp.ones((), jnp.int32)
-        eta, lagrange = jnp.exp(log_duals)
-        weights = jax.nn.softmax((q_reward - lagrange * q_cost) / eta, axis=1)
-        kl_q = jnp.mean(jnp.sum(weights * jnp.log(weights * args.num_sampled_actions + 1e-12), axis=1))
+            duals = jnp.clip(state.duals + update, args.estep_dual_min, args.estep_dual_max)
+            _, slack, _ = estep_dual_derivatives(duals, q_reward, q_cost, args.estep_kl, eps_cost)
+            kkt_residual = estep_kkt_residual(slack, duals <= args.estep_dual_min, duals >= args.estep_dual_max,
+                                              args.estep_kl, eps_cost, q_cost)
+            logits, cost_temperature = (q_reward - duals[1] * q_cost) / duals[0], state.cost_temperature
+            infeasible, iterations = duals[1] >= args.estep_dual_max, jnp.ones((), jnp.int32)
+        log_weights = jax.nn.log_softmax(logits, axis=1)
+        weights = jnp.exp(log_weights)
         metrics = {
-            "losses/estep_dual": estep_dual(log_duals, q_reward, q_cost, args.estep_kl, eps_cost),
-            "charts/estep_eta": eta, "charts/estep_lambda": lagrange, "estep/solver_iterations": iterations,
-            "estep/kl_q_pi_old": kl_q, "estep/q_cost": jnp.mean(jnp.sum(weights * q_cost, axis=1)),
-            "estep/q_cost_pi_old": jnp.mean(q_cost), "estep/q_reward": jnp.mean(jnp.sum(weights * q_reward, axis=1)),
+            "losses/estep_dual": estep_dual(duals, q_reward, q_cost, args.estep_kl, eps_cost),
+            "charts/estep_eta": duals[0], "charts/estep_lambda": duals[1], "estep/solver_iterations": iterations,
+            "estep/kkt_residual": kkt_residual, "estep/infeasible": infeasible.astype(jnp.float32),
+            "estep/kl_q_pi_old": jnp.mean(jnp.sum(weights * (log_weights + jnp.log(args.num_sampled_actions)), axis=1)),
+            "estep/q_cost": jnp.mean(jnp.sum(weights * q_cost, axis=1)), "estep/q_cost_pi_old": jnp.mean(q_cost),
+            "estep/q_reward": jnp.mean(jnp.sum(weights * q_reward, axis=1)),
         }
-        state = state.replace(log_duals=jax.lax.stop_gradient(log_duals), dual_opt_state=dual_opt_state)
+        state = state.replace(duals=jax.lax.stop_gradient(duals), cost_temperature=cost_temperature,
+                              dual_opt_state=dual_opt_state)
         return state, sampled, jax.lax.stop_gradient(weights), metrics
 
     def mstep(state, obs, sampled, weights):
-        """Weighted maximum likelihood inside the decoupled KL trust region around pi_old."""
+        """Weighted maximum likelihood inside the decoupled KL trust region around pi_old.
+
+        One Adam step on L_mle + alpha_mu KL_mu + alpha_sigma KL_sigma, then a backtracking line search that halves
+        the step until neither KL exceeds its bound on this batch (or, if the actor already lies outside, exceeds
+        it by more than before). Each multiplier follows dual ascent in log space on the KL that the full step
+        would reach: it grows by up to e^lr per update while that KL exceeds its bound, and shrinks otherwise.
+        """
         mean_old, std_old = actor.apply(state.old_actor_params, obs)
-        kl_of = lambda params: decoupled_gaussian_kl(mean_old, std_old, *actor.apply(params, obs))
-        kl_now = jnp.stack(kl_of(state.actor.params))
-        # The multipliers rise while their KL exceeds its bound: minimise alpha * (eps - KL).
-        alpha_update, alpha_opt_state = alpha_optimizer.update(mstep_bounds - kl_now, state.mstep_alpha_opt_state)
-        alphas = jnp.clip(state.mstep_alphas + alpha_update, 0.0, args.mstep_dual_max)
+        kl_of = lambda mean, std: decoupled_gaussian_kl(mean_old, std_old, mean, std, args.mstep_kl_std_floor)
+        kl_at = lambda params: jnp.stack(kl_of(*actor.apply(params, obs)))
+        alphas = jnp.exp(state.mstep_log_alphas)
 
         def loss_fn(params):
             mean, std = actor.apply(params, obs)
             log_likelihood = (gaussian_log_prob(sampled, mean[:, None], std_old[:, None])
                               + gaussian_log_prob(sampled, mean_old[:, None], std[:, None]))  # (B, K)
-            mle_loss = -jnp.mean(weights * log_likelihood)
-            kl_mean, kl_std = decoupled_gaussian_kl(mean_old, std_old, mean, std)
-            trust_region = alphas[0] * (kl_mean - args.mstep_kl_mu) + alphas[1] * (kl_std - args.mstep_kl_sigma)
-            return mle_loss + trust_region, (mle_loss, kl_mean, kl_std)
+            mle_loss = -jnp.mean(jnp.sum(weights * log_likelihood, axis=1))
+            kl_mean, kl_std = kl_of(mean, std)
+            return mle_loss + alphas[0] * kl_mean + alphas[1] * kl_std, mle_loss
 
-        (actor_loss, (mle_loss, kl_mean, kl_std)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.actor.params)
-        state = state.replace(actor=state.actor.apply_gradients(grads=grads), mstep_alphas=alphas,
-                              mstep_alpha_opt_state=alpha_opt_state)
-        metrics = {"losses/actor": actor_loss, "losses/mstep_mle": mle_loss, "mstep/kl_mu": kl_mean,
-                   "mstep/kl_sigma": kl_std, "mstep/alpha_mu": alphas[0], "mstep/alpha_sigma": alphas[1]}
+        params = state.actor.params
+        (actor_loss, mle_loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = state.actor.tx.update(grads, state.actor.opt_state, params)
+        stepped = lambda step: optax.apply_updates(params, jax.tree.map(lambda u: step * u, updates))
+        kl_now, kl_full_step = kl_at(params), kl_at(stepped(1.0))
+        allowed = jnp.maximum(1.0, jnp.max(kl_now / mstep_bounds))
+        step = jax.lax.while_loop(lambda step: (step > 0) & (jnp.max(kl_at(stepped(step)) / mstep_bounds) > allowed),
+                                  lambda step: jnp.where(step > 2.0**-10, step / 2, 0.0), 1.0)
+        log_alphas = jnp.clip(
+            state.mstep_log_alphas + args.mstep_dual_lr * jnp.clip(kl_full_step / mstep_bounds - 1, -1, 1),
+            *log_alpha_bounds)
+        actor_state = state.actor.replace(step=state.actor.step + 1, params=stepped(step), opt_state=opt_state)
+        state = state.replace(actor=actor_state, mstep_log_alphas=log_alphas)
+        metrics = {"losses/actor": actor_loss, "losses/mstep_mle": mle_loss, "mstep/kl_mu": kl_now[0],
+                   "mstep/kl_sigma": kl_now[1], "mstep/alpha_mu": alphas[0], "mstep/alpha_sigma": alphas[1],
+                   "mstep/step_fraction": step}
         return state, metrics
 
     @jax.jit
     def train_round(state, batches, key):
         """One round: critic, E-step and M-step updates scanned over the batches; then pi_old <- actor."""
-        zeros = jnp.zeros(2)
-        state = state.replace(mstep_alphas=zeros, mstep_alpha_opt_state=alpha_optimizer.init(zeros))
 
         def one_update(state, inputs):
             batch, update_key = inputs
@@ -549,23 +749,24 @@ def make_train_round(args, actor, critic, action_low, action_high, eps_cost):
 
         num_updates = batches["obs"].shape[0]
         state, metrics = jax.lax.scan(one_update, state, (batches, jax.random.split(key, num_updates)))
-        return state.replace(old_actor_params=state.actor.params), jax.tree.map(jnp.mean, metrics)
+        summary = {**jax.tree.map(jnp.mean, metrics), **{f"{name}_max": jnp.max(metrics[name]) for name in ROUND_MAXIMA}}
+        return state.replace(old_actor_params=state.actor.params), summary
 
     def init_state(key, obs_dim, action_dim):
         actor_key, critic_key = jax.random.split(key)
         dummy_obs, dummy_action = jnp.zeros((1, obs_dim)), jnp.zeros((1, action_dim))
         actor_params = actor.init(actor_key, dummy_obs)
         critic_params = critic.init(critic_key, dummy_obs, dummy_action)
-        log_duals = jnp.log(jnp.array([1.0, args.estep_dual_min]))  # eta = 1, lambda at its lower bound (0)
-        zeros = jnp.zeros(2)
+        initial_lambda = 0.0 if args.estep_solver == "newton" else args.estep_dual_min  # FSRL clamps at its bound
+        duals = jnp.array([1.0, initial_lambda])
         return CVPOState(
             actor=TrainState.create(apply_fn=actor.apply, params=actor_params, tx=optax.adam(args.actor_lr)),
             critic=TrainState.create(apply_fn=critic.apply, params=critic_params, tx=optax.adam(args.critic_lr)),
-            target_critic_params=critic_params, old_actor_params=actor_params, log_duals=log_duals,
-            dual_opt_state=dual_optimizer.init(jnp.exp(log_duals)), mstep_alphas=zeros,
-            mstep_alpha_opt_state=alpha_optimizer.init(zeros))
+            target_critic_params=critic_params, old_actor_params=actor_params, duals=duals,
+            cost_temperature=jnp.ones(()),
+            dual_opt_state=dual_optimizer.init(duals), mstep_log_alphas=jnp.zeros(2))
 
-    return train_round, init_state
+    return CVPOUpdates(update_critics, estep, mstep, train_round, init_state)
 
 
 def evaluate(actor, actor_params, env_thunk, episodes, seed):
@@ -595,6 +796,8 @@ def evaluation_metrics(mean_return, mean_cost, cost_limit):
 
 
 def main(args):
+    if args.estep_dual_max is None:
+        args.estep_dual_max = 1e5 if args.estep_solver == "newton" else 20.0
     validate_args(args)
     checkpoint = None
     if args.resume or args.eval_checkpoint:
@@ -618,6 +821,8 @@ def main(args):
         args.episode_length = probe_env.spec.max_episode_steps if probe_env.spec else None
         if not args.episode_length:
             fail(f"{args.env_id} has no max_episode_steps; pass --episode-length for the cost threshold")
+    if args.update_interval is None:
+        args.update_interval = 10 * args.episode_length
     probe_env.close()
     if not args.eval_checkpoint:  # forked env workers must start before JAX starts its threads
         envs_class = gym.vector.AsyncVectorEnv if args.async_envs and args.num_envs > 1 else gym.vector.SyncVectorEnv
@@ -634,10 +839,10 @@ def main(args):
     actor = Actor(action_dim, tuple(args.hidden_sizes))
     critic = CriticEnsemble(tuple(args.hidden_sizes), 2 if args.double_critic else 1)
     eps_cost = cost_threshold(args.cost_limit, args.gamma, args.episode_length)
-    train_round, init_state = make_train_round(args, actor, critic, action_low, action_high, eps_cost)
+    updates = make_train_round(args, actor, critic, action_low, action_high, eps_cost)
     key = jax.random.PRNGKey(args.seed)
     key, init_key = jax.random.split(key)
-    state = init_state(init_key, obs_dim, action_dim)
+    state = updates.init_state(init_key, obs_dim, action_dim)
 
     if args.eval_checkpoint:
         actor_params = flax.serialization.from_state_dict(state, checkpoint["state"]).actor.params
@@ -656,6 +861,7 @@ def main(args):
         key, global_step = jnp.asarray(checkpoint["key"]), checkpoint["global_step"]
         buffer.data, buffer.position, buffer.full = checkpoint["buffer"], checkpoint["buffer_position"], checkpoint["buffer_full"]
         rng.bit_generator.state = checkpoint["rng_state"]
+        buffer.mark_newest_episode_end()  # the envs restart their episodes now
     logger = MetricsLogger(run_dir, args, run_name)
     checkpoint_path = os.path.join(run_dir, "checkpoints", "checkpoint.pkl")
 
@@ -670,16 +876,27 @@ def main(args):
         mean, std = actor.apply(params, obs)
         return mean + std * jax.random.normal(key, mean.shape)
 
+    @jax.jit
+    def cost_q(params, obs, actions):  # what the E-step uses: the largest of the cost critics
+        return critic.apply(params, obs, actions)[critic.critics_per_signal:].max(0)
+
     updates_per_round = max(1, round(args.update_interval * args.updates_per_step))
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    rows_per_round = max(1, args.update_interval // args.num_envs)
+    # Ctrl-C and SIGTERM are acted on between loop iterations, where the state, the buffer and the step agree.
+    stop_signals = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda signum, frame: stop_signals.append(signum))
     obs, _ = envs.reset(seed=args.seed + global_step)
     episode_returns, episode_costs = np.zeros(args.num_envs), np.zeros(args.num_envs)
     episode_lengths = np.zeros(args.num_envs, np.int64)
     recent = {"return": [], "cost": []}
     start_time, start_step = time.time(), global_step
     progress = tqdm(total=args.total_timesteps, initial=global_step, unit="step", disable=None)
+    next_report = time.time() + args.progress_every  # without a terminal, a progress line every so often
     try:
         while global_step < args.total_timesteps:
+            if stop_signals:
+                raise KeyboardInterrupt
             key, action_key = jax.random.split(key)
             actions = np.asarray(sample_actions(state.actor.params, obs.astype(np.float32), action_key))
             env_actions = np.clip(actions, action_low, action_high)
@@ -712,12 +929,17 @@ def main(args):
                 batches = buffer.sample_n_step(rng, (updates_per_round, args.batch_size), args.n_step, args.gamma)
                 key, round_key = jax.random.split(key)
                 previous_state = state
-                state, metrics = train_round(state, batches, round_key)
+                state, metrics = updates.train_round(state, batches, round_key)
                 metrics = jax.device_get(metrics)
-                for name, value in metrics.items():
-                    if not np.isfinite(value):
-                        path = write_checkpoint(previous_state, global_step)
-                        fail(f"{name} became {value} at global step {global_step}; last finite state saved to {path}")
+                metrics.update(cost_critic_bias(buffer.latest(rows_per_round), args.gamma,
+                                                lambda obs, actions: cost_q(state.critic.params, obs, actions)))
+                not_finite = sorted((not name.startswith("losses/"), name) for name, value in metrics.items()
+                                    if not np.isfinite(value))  # a loss first: the others follow from it
+                if not_finite:
+                    name, others = not_finite[0][1], len(not_finite) - 1
+                    path = write_checkpoint(previous_state, global_step)
+                    fail(f"{name} became {metrics[name]} at global step {global_step}"
+                         f"{f' (and {others} other metrics)' if others else ''}; last finite state saved to {path}")
                 sps = (global_step - start_step) / (time.time() - start_time)
                 logger.log({**metrics, "charts/estep_cost_threshold": eps_cost, "charts/SPS": sps}, global_step)
                 progress.set_postfix(ret=f"{np.mean(recent['return'] or [0]):.1f}",
@@ -729,6 +951,9 @@ def main(args):
                 logger.log(evaluation_metrics(mean_return, mean_cost, args.cost_limit), global_step)
             if args.save_model and global_step // args.checkpoint_every > previous_step // args.checkpoint_every:
                 write_checkpoint(state, global_step)
+            if progress.disable and time.time() >= next_report:
+                next_report = time.time() + args.progress_every
+                print(progress_line(global_step, args.total_timesteps, start_step, start_time, recent), flush=True)
     except KeyboardInterrupt:
         path = write_checkpoint(state, global_step)
         progress.close()

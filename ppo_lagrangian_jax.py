@@ -88,6 +88,8 @@ class Args:
     """env steps between checkpoints (with --save-model)"""
     resume: Optional[str] = None
     """path of a checkpoint to continue from, with the configuration saved in it"""
+    progress_every: float = 60.0
+    """seconds between progress lines when stdout is not a terminal (a terminal shows a progress bar)"""
     eval_checkpoint: Optional[str] = None
     """evaluate this checkpoint for --eval-episodes episodes instead of training"""
     eval_every: int = 100_000
@@ -154,7 +156,8 @@ class Args:
 
 # Flags that may differ between a run and its resumption; every other flag comes from the checkpoint.
 SESSION_FLAGS = ("total_timesteps", "track", "wandb_project_name", "wandb_entity", "capture_video", "save_model",
-                 "checkpoint_every", "eval_every", "eval_episodes", "async_envs")
+                 "checkpoint_every", "eval_every", "eval_episodes", "async_envs",
+                 "progress_every")
 
 
 def fail(message):
@@ -190,7 +193,8 @@ def validate_args(args):
                  "lagrange_lr", "lagrange_window", "eval_episodes", "checkpoint_every"):
         if not getattr(args, name) > 0:
             fail(f"{flag(name)} must be positive, got {getattr(args, name)}")
-    for name in ("eval_every", "ent_coef", "critic_l2_coef", "lagrange_init", "pid_kp", "pid_ki", "pid_kd"):
+    for name in ("eval_every", "ent_coef", "critic_l2_coef", "lagrange_init", "pid_kp", "pid_ki", "pid_kd",
+                 "progress_every"):
         if getattr(args, name) < 0:
             fail(f"{flag(name)} must be non-negative, got {getattr(args, name)}")
     for name in ("gamma", "gae_lambda"):
@@ -269,6 +273,13 @@ class MetricsLogger:
     def close(self):
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def progress_line(global_step, total_timesteps, start_step, start_time, recent):
+    sps = (global_step - start_step) / max(time.time() - start_time, 1e-9)
+    episodes = (f"return {np.mean(recent['return']):.2f}, cost {np.mean(recent['cost']):.2f} (last "
+                f"{len(recent['return'])} episodes)" if recent["return"] else "no episode finished yet")
+    return f"global step {global_step:,}/{total_timesteps:,}: {sps:,.0f} steps/s, {episodes}"
 
 
 def save_checkpoint(path, checkpoint):
@@ -642,16 +653,24 @@ def main(args):
         ("rewards", ()), ("costs", ()), ("terminations", ()), ("truncations", ()), ("final_values_reward", ()),
         ("final_values_cost", ())]}
 
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # Ctrl-C and SIGTERM are acted on between loop iterations, where the state, the buffer and the step agree.
+    stop_signals = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda signum, frame: stop_signals.append(signum))
     obs, _ = envs.reset(seed=args.seed + global_step)
     episode_returns, episode_costs = np.zeros(args.num_envs), np.zeros(args.num_envs)
     episode_lengths = np.zeros(args.num_envs, np.int64)
     recent = {"return": [], "cost": []}
     start_time, start_step = time.time(), global_step
     progress = tqdm(total=args.total_timesteps, initial=global_step, unit="step", disable=None)
+    next_report = time.time() + args.progress_every  # without a terminal, a progress line every so often
+    mid_rollout = False
     try:
         while global_step < args.total_timesteps:
-            previous_step, rollout_episode_costs = global_step, []
+            if stop_signals:
+                raise KeyboardInterrupt
+            previous_step, previous_state, rollout_episode_costs = global_step, state, []
+            mid_rollout = True
             params = (state.actor.params, state.reward_critic.params, state.cost_critic.params)
             for step in range(args.num_steps):
                 normalizer, key, outputs = act(params, state.obs_normalizer, obs.astype(np.float32), key)
@@ -674,6 +693,9 @@ def main(args):
                 obs = next_obs
                 global_step += args.num_envs
                 progress.update(args.num_envs)
+                if progress.disable and time.time() >= next_report:
+                    next_report = time.time() + args.progress_every
+                    print(progress_line(global_step, args.total_timesteps, start_step, start_time, recent), flush=True)
 
                 episode_returns += rewards
                 episode_costs += costs
@@ -689,6 +711,7 @@ def main(args):
                     progress.set_postfix(ret=f"{np.mean(recent['return']):.1f}", cost=f"{np.mean(recent['cost']):.1f}")
                     episode_returns[ended], episode_costs[ended], episode_lengths[ended] = 0.0, 0.0, 0
 
+            mid_rollout = False
             last_values = values(params, state.obs_normalizer, obs.astype(np.float32))
             rollout["last_values_reward"], rollout["last_values_cost"] = last_values
             lagrange = add_episode_costs(state.lagrange, rollout_episode_costs)
@@ -697,12 +720,11 @@ def main(args):
             state = state.replace(lagrange=lagrange)
             learning_rate = args.actor_lr * (1 - previous_step / args.total_timesteps if args.anneal_lr else 1)
             key, train_key = jax.random.split(key)
-            previous_state = state
             state, metrics = train_iteration(state, rollout, learning_rate, train_key)
             metrics = jax.device_get(metrics)
             for name, value in metrics.items():
                 if not np.isfinite(value):
-                    path = write_checkpoint(previous_state, global_step)
+                    path = write_checkpoint(previous_state, previous_step)
                     fail(f"{name} became {value} at global step {global_step}; last finite state saved to {path}")
             sps = (global_step - start_step) / (time.time() - start_time)
             logger.log({**metrics, "charts/SPS": sps}, global_step)
@@ -716,7 +738,9 @@ def main(args):
                 logger.log(evaluation_metrics(mean_return, mean_cost, args.cost_limit), global_step)
             if args.save_model and global_step // args.checkpoint_every > previous_step // args.checkpoint_every:
                 write_checkpoint(state, global_step)
-    except KeyboardInterrupt:  # the partial rollout is dropped; a resumed run starts a fresh one
+    except KeyboardInterrupt:
+        if mid_rollout:  # the env workers were interrupted too: the partial rollout is dropped with its steps
+            state, global_step = previous_state, previous_step
         path = write_checkpoint(state, global_step)
         progress.close()
         with contextlib.suppress(Exception):  # on Ctrl-C the env workers were interrupted too

@@ -87,6 +87,8 @@ class Args:
     """env steps between checkpoints (with --save-model)"""
     resume: Optional[str] = None
     """path of a checkpoint to continue from, with the configuration saved in it"""
+    progress_every: float = 60.0
+    """seconds between progress lines when stdout is not a terminal (a terminal shows a progress bar)"""
     eval_checkpoint: Optional[str] = None
     """evaluate this checkpoint for --eval-episodes episodes instead of training"""
     eval_every: int = 100_000
@@ -147,7 +149,8 @@ class Args:
 
 # Flags that may differ between a run and its resumption; every other flag comes from the checkpoint.
 SESSION_FLAGS = ("total_timesteps", "track", "wandb_project_name", "wandb_entity", "capture_video", "save_model",
-                 "checkpoint_every", "eval_every", "eval_episodes", "async_envs")
+                 "checkpoint_every", "eval_every", "eval_episodes", "async_envs",
+                 "progress_every")
 
 
 def fail(message):
@@ -183,7 +186,7 @@ def validate_args(args):
                  "alpha_lr", "initial_alpha", "lagrange_lr", "eval_episodes", "checkpoint_every"):
         if not getattr(args, name) > 0:
             fail(f"{flag(name)} must be positive, got {getattr(args, name)}")
-    for name in ("learning_starts", "eval_every", "pid_kp", "pid_ki", "pid_kd"):
+    for name in ("learning_starts", "eval_every", "pid_kp", "pid_ki", "pid_kd", "progress_every"):
         if getattr(args, name) < 0:
             fail(f"{flag(name)} must be non-negative, got {getattr(args, name)}")
     for name in ("gamma", "tau"):
@@ -263,6 +266,13 @@ class MetricsLogger:
             self.wandb.finish()
 
 
+def progress_line(global_step, total_timesteps, start_step, start_time, recent):
+    sps = (global_step - start_step) / max(time.time() - start_time, 1e-9)
+    episodes = (f"return {np.mean(recent['return']):.2f}, cost {np.mean(recent['cost']):.2f} (last "
+                f"{len(recent['return'])} episodes)" if recent["return"] else "no episode finished yet")
+    return f"global step {global_step:,}/{total_timesteps:,}: {sps:,.0f} steps/s, {episodes}"
+
+
 def save_checkpoint(path, checkpoint):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "wb") as file:
@@ -300,6 +310,11 @@ class ReplayBuffer:
 
     def size(self):
         return self.rows if self.full else self.position
+
+    def mark_newest_episode_end(self):
+        """On resume the envs start new episodes: n-step returns must not run from the old ones into them."""
+        if self.size():
+            self.data["episode_ended"][(self.position - 1) % self.rows] = True
 
     def sample_n_step(self, rng, shape, n_step, gamma):
         """n-step returns of reward and cost; a terminal cuts the bootstrap, a truncation keeps it.
@@ -618,6 +633,7 @@ def main(args):
         buffer.data, buffer.position, buffer.full = checkpoint["buffer"], checkpoint["buffer_position"], checkpoint["buffer_full"]
         rng.bit_generator.state = checkpoint["rng_state"]
         costs_since_multiplier_step = checkpoint["costs_since_multiplier_step"]
+        buffer.mark_newest_episode_end()  # the envs restart their episodes now
     logger = MetricsLogger(run_dir, args, run_name)
     checkpoint_path = os.path.join(run_dir, "checkpoints", "checkpoint.pkl")
 
@@ -631,15 +647,21 @@ def main(args):
     sample_actions = jax.jit(lambda params, obs, key: squashed_gaussian_sample(
         *actor.apply(params, obs), key, action_scale, action_bias)[0])
     updates_per_round = max(1, round(args.update_interval * args.updates_per_step))
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # Ctrl-C and SIGTERM are acted on between loop iterations, where the state, the buffer and the step agree.
+    stop_signals = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda signum, frame: stop_signals.append(signum))
     obs, _ = envs.reset(seed=args.seed + global_step)
     episode_returns, episode_costs = np.zeros(args.num_envs), np.zeros(args.num_envs)
     episode_lengths = np.zeros(args.num_envs, np.int64)
     recent = {"return": [], "cost": []}
     start_time, start_step = time.time(), global_step
     progress = tqdm(total=args.total_timesteps, initial=global_step, unit="step", disable=None)
+    next_report = time.time() + args.progress_every  # without a terminal, a progress line every so often
     try:
         while global_step < args.total_timesteps:
+            if stop_signals:
+                raise KeyboardInterrupt
             key, action_key = jax.random.split(key)
             actions = np.asarray(sample_actions(state.actor.params, obs.astype(np.float32), action_key))
             next_obs, rewards, terminations, truncations, infos = envs.step(actions)
@@ -698,6 +720,9 @@ def main(args):
                 logger.log(evaluation_metrics(mean_return, mean_cost, args.cost_limit), global_step)
             if args.save_model and global_step // args.checkpoint_every > previous_step // args.checkpoint_every:
                 write_checkpoint(state, global_step)
+            if progress.disable and time.time() >= next_report:
+                next_report = time.time() + args.progress_every
+                print(progress_line(global_step, args.total_timesteps, start_step, start_time, recent), flush=True)
     except KeyboardInterrupt:
         path = write_checkpoint(state, global_step)
         progress.close()

@@ -50,7 +50,7 @@ OUR_SCRIPTS = {"CVPO": "cvpo_jax.py", "PPO-Lag": "ppo_lagrangian_jax.py", "SAC-L
 FSRL_ALGOS = {"CVPO": "cvpo", "PPO-Lag": "ppol", "SAC-Lag": "sacl"}
 # Our flags that match the FSRL side (fsrl_driver.py): K=16 for CVPO; for PPO-Lag FSRL's update per rollout
 # (4 passes, batch 256) instead of our OmniSafe-like default (up to 40 passes, minibatch 64), and its rollout length.
-MATCHED_FLAGS = {"CVPO": ["--num-sampled-actions", "16"], "PPO-Lag": ["--update-epochs", "4", "--minibatch-size", "256"]}
+MATCHED_FLAGS = {"CVPO": ["--num-sampled-actions", "16", "--no-double-critic"], "PPO-Lag": ["--update-epochs", "4", "--minibatch-size", "256"]}
 PPO_EPISODES_PER_COLLECT, EPISODE_LENGTH = 4, 1000
 
 
@@ -185,13 +185,13 @@ def our_learner_ms(ks, batch_size, updates, solver):
     results = {}
     for k in ks:
         args = cvpo_jax.Args(num_sampled_actions=k, batch_size=batch_size, hidden_sizes=(128, 128),
-                             estep_solver=solver)
+                             estep_solver=solver, double_critic=False, estep_dual_max=1e5 if solver == "newton" else 20.0)
         actor = cvpo_jax.Actor(action_dim, tuple(args.hidden_sizes))
         critic = cvpo_jax.CriticEnsemble(tuple(args.hidden_sizes), 2 if args.double_critic else 1)
         eps_cost = cvpo_jax.cost_threshold(args.cost_limit, args.gamma, 1000)
         low, high = -np.ones(action_dim, np.float32), np.ones(action_dim, np.float32)
-        train_round, init_state = cvpo_jax.make_train_round(args, actor, critic, low, high, eps_cost)
-        state = init_state(jax.random.PRNGKey(0), obs_dim, action_dim)
+        cvpo = cvpo_jax.make_train_round(args, actor, critic, low, high, eps_cost)
+        train_round, state = cvpo.train_round, cvpo.init_state(jax.random.PRNGKey(0), obs_dim, action_dim)
         shape = (updates, batch_size)
         batches = {"obs": rng.standard_normal((*shape, obs_dim)).astype(np.float32),
                    "actions": rng.uniform(-1, 1, (*shape, action_dim)).astype(np.float32),
@@ -296,19 +296,19 @@ def write_report(path, command, machine, results):
     for name in train.get("skipped", []):
         lines.append(f"- {name}: skipped ({train['skipped'][name]})")
     lines += ["", "## CVPO learner only (ms per update: critics + E-step + M-step; batch 256, hidden (128, 128))", "",
-              "| K sampled actions | ours, converge E-step solver | ours, fsrl E-step solver (one Adam step) | "
+              "| K sampled actions | ours, newton E-step solver (to its KKT tolerance) | ours, fsrl E-step solver (one Adam step) | "
               "FSRL policy.learn | FSRL policy.update (with n-step targets) | FSRL / ours (fsrl solver) |",
               "| ---: | ---: | ---: | ---: | ---: | ---: |"]
     for k in results["ks"]:
-        converge = learner["ours_converge"].get(str(k))
+        newton = learner["ours_newton"].get(str(k))
         one_step = learner["ours_fsrl"].get(str(k))
         fsrl = (learner.get("fsrl") or {}).get(str(k))
         ratio = f"{fsrl['learn_ms'] / one_step['ms']:.1f}x" if fsrl and one_step else "n/a"
-        lines.append(f"| {k} | {fmt(converge and converge['ms'], 2)} ({fmt(converge and converge['solver_iterations'], 1)} it.) | "
+        lines.append(f"| {k} | {fmt(newton and newton['ms'], 2)} ({fmt(newton and newton['solver_iterations'], 1)} it.) | "
                      f"{fmt(one_step and one_step['ms'], 2)} | {fmt(fsrl and fsrl['learn_ms'], 2)} | "
                      f"{fmt(fsrl and fsrl['update_ms'], 2)} | {ratio} |")
     lines += ["", f"Ours: {results['learner_updates']} updates per jitted `train_round` call on random batches, best of 5 "
-              "calls after a compile call; the converge solver's iteration count depends on the data (column: mean "
+              "calls after a compile call, one critic per signal as FSRL; the newton solver's iteration count depends on the data (column: mean "
               "iterations in the timed call). FSRL: `policy.learn(batch)` on batches prepared by its `process_fn` "
               f"from a 20,000-transition tianshou buffer, {results['fsrl_updates']} timed calls after 5 warm-up calls, "
               f"{results['threads']} compute thread(s) per learner on both sides (`--threads`).", ""]
@@ -405,7 +405,7 @@ def main(argv=None):
         results["fsrl_env"] = max(results["fsrl_env"], again, key=lambda row: row["steps_per_second"])
 
     log("CVPO learner")
-    results["learner"]["ours_converge"] = our_learner_ms(args.ks, 256, args.learner_updates, "converge")
+    results["learner"]["ours_newton"] = our_learner_ms(args.ks, 256, args.learner_updates, "newton")
     results["learner"]["ours_fsrl"] = our_learner_ms(args.ks, 256, args.learner_updates, "fsrl")
     if not args.ours_only:
         results["learner"]["fsrl"] = run_fsrl("learner", "--task", FSRL_TASK, "--ks", *map(str, args.ks),

@@ -74,5 +74,5 @@ def test_throughput_smoke(tmp_path):
     data = json.loads((tmp_path / "throughput.json").read_text())
     assert data["env"]["steps_per_second"] > 0
     assert data["train"]["ours/CVPO"]["steps_per_second"] > 0
-    assert data["learner"]["ours_fsrl"]["16"]["ms"] > 0 and data["learner"]["ours_converge"]["16"]["ms"] > 0
+    assert data["learner"]["ours_fsrl"]["16"]["ms"] > 0 and data["learner"]["ours_newton"]["16"]["ms"] > 0
     assert "fsrl" not in data["learner"]  # --smoke never touches FSRL or its venv

@@ -149,6 +149,13 @@ def test_resumed_run_matches_an_uninterrupted_one(script, tmp_path):
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
+def test_progress_lines_when_stdout_is_not_a_terminal(script, tmp_path):
+    result = run_script(script, *toy_flags(script, "--total-timesteps", 1200, "--progress-every", 0.2), cwd=tmp_path)
+    lines = re.findall(r"^global step ([\d,]+)/1,200: [\d,]+ steps/s, (?:return|no episode)", result.stdout, re.M)
+    assert lines and all(0 < int(step.replace(",", "")) <= 1200 for step in lines), result.stdout[-2000:]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_tracking_without_a_wandb_login_runs_offline(script, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(PYTHONPATH=str(REPO), HOME=str(tmp_path), WANDB_SILENT="true")  # no ~/.netrc: no login

@@ -1,10 +1,18 @@
 import json
+import os
+import pickle
+import re
+import signal
+import subprocess
+import time
 from concurrent.futures import ThreadPoolExecutor
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tests.helpers import TOY_ENV, only_run_dir, read_metrics, run_script
+import flax.linen as nn
+from tests.helpers import REPO, TOY_ENV, only_run_dir, read_metrics, run_script, script_command
 from scipy.optimize import minimize
 
 import cvpo_jax
@@ -22,7 +30,7 @@ def q_values(seed, correlation, batch=128, samples=16):
 
 
 def slsqp_duals(q_reward, q_cost, eps_kl, eps_cost):
-    """The same dual, written independently in float64 and minimised by scipy's SLSQP."""
+    """The same dual, written independently in float64 and minimised by scipy's SLSQP (lambda unbounded)."""
     q_reward, q_cost = q_reward.astype(np.float64), q_cost.astype(np.float64)
 
     def dual(x):
@@ -32,44 +40,107 @@ def slsqp_duals(q_reward, q_cost, eps_kl, eps_cost):
         log_mean_exp = top[:, 0] + np.log(np.mean(np.exp(scaled - top), axis=1))
         return eta * eps_kl + lagrange * eps_cost + eta * np.mean(log_mean_exp)
 
-    result = minimize(dual, [1.0, 0.5], method="SLSQP", bounds=[(1e-6, 20.0), (0.0, 20.0)],
+    result = minimize(dual, [1.0, 0.5], method="SLSQP", bounds=[(1e-6, None), (0.0, None)],
                       options={"ftol": 1e-12, "maxiter": 1000})
     return result.x
 
 
-def solve(q_reward, q_cost, eps_cost):
-    log_duals, _ = cvpo_jax.solve_estep_dual(jnp.log(jnp.array([1.0, 1e-6])), q_reward, q_cost, EPS_KL, eps_cost,
-                                             0.1, 5000, 1e-7, 1e-6, 20.0)
-    eta, lagrange = np.exp(np.asarray(log_duals, np.float64))
-    weights = np.exp((q_reward - lagrange * q_cost) / eta - np.max((q_reward - lagrange * q_cost) / eta, 1, keepdims=True))
+def least_cost_in_kl_ball(q_cost, eps_kl):
+    """min over q of mean_s E_q[Q_c] s.t. mean_s KL(q || uniform) <= eps_kl, by SLSQP on the weights themselves."""
+    batch, samples = q_cost.shape
+    q_cost = q_cost.astype(np.float64)
+
+    def weights(z):
+        z = z.reshape(batch, samples)
+        w = np.exp(z - z.max(axis=1, keepdims=True))
+        return w / w.sum(axis=1, keepdims=True)
+
+    kl = lambda z: np.mean(np.sum(weights(z) * np.log(weights(z) * samples + 1e-300), axis=1))
+    result = minimize(lambda z: np.mean(np.sum(weights(z) * q_cost, axis=1)), np.zeros(batch * samples),
+                      method="SLSQP", constraints=[{"type": "ineq", "fun": lambda z: eps_kl - kl(z)}],
+                      options={"ftol": 1e-12, "maxiter": 500})
+    return result.fun
+
+
+def kl_and_cost(logits, q_cost):
+    """KL(q || pi_old) over the K samples and E_q[Q_c], averaged over states, in float64."""
+    logits = np.asarray(logits, np.float64)
+    weights = np.exp(logits - logits.max(axis=1, keepdims=True))
     weights /= weights.sum(axis=1, keepdims=True)
-    kl = np.mean(np.sum(weights * np.log(weights * q_reward.shape[1] + 1e-30), axis=1))
-    q_cost_under_q = np.mean(np.sum(weights * q_cost, axis=1))
-    return eta, lagrange, kl, q_cost_under_q
+    kl = np.mean(np.sum(weights * np.log(weights * logits.shape[1] + 1e-300), axis=1))
+    return kl, np.mean(np.sum(weights * q_cost, axis=1))
+
+
+SOLVE_ESTEP = jax.jit(cvpo_jax.solve_estep)
+
+
+def solve(q_reward, q_cost, eps_cost, duals=(1.0, 0.0), tolerance=1e-3):
+    duals, _, logits, infeasible, iterations, residual = SOLVE_ESTEP(
+        jnp.array(duals, jnp.float32), jnp.ones(()), q_reward, q_cost, EPS_KL, eps_cost, 50, tolerance, 1e-6, 1e5)
+    kl, cost = kl_and_cost(logits, q_cost)
+    return np.asarray(duals, np.float64), bool(infeasible), kl, cost, int(iterations), float(residual)
+
+
+def test_estep_dual_derivatives_match_autodiff_and_the_constraint_slacks():
+    q_reward, q_cost = q_values(3, 1.0, batch=32)
+    for duals in ([0.7, 0.0], [2.0, 1.5], [30.0, 40.0]):
+        duals = jnp.array(duals)
+        value, gradient, hessian = cvpo_jax.estep_dual_derivatives(duals, q_reward, q_cost, EPS_KL, 0.9)
+        dual = lambda d: cvpo_jax.estep_dual(d, q_reward, q_cost, EPS_KL, 0.9)
+        np.testing.assert_allclose(value, dual(duals), rtol=1e-5)
+        np.testing.assert_allclose(gradient, jax.grad(dual)(duals), rtol=1e-3, atol=1e-5)
+        np.testing.assert_allclose(hessian, jax.hessian(dual)(duals), rtol=2e-3, atol=1e-6)
+        kl, cost = kl_and_cost((q_reward - float(duals[1]) * q_cost) / float(duals[0]), q_cost)
+        np.testing.assert_allclose(gradient, [EPS_KL - kl, 0.9 - cost], rtol=1e-3, atol=1e-5)
 
 
 @pytest.mark.parametrize("correlation, eps_cost", [(2.0, 0.95), (1.0, 0.97), (0.5, 1.2), (1.0, 2.0)])
 def test_estep_dual_matches_slsqp_and_satisfies_both_bounds(correlation, eps_cost):
     q_reward, q_cost = q_values(0, correlation)
-    eta, lagrange, kl, q_cost_under_q = solve(q_reward, q_cost, eps_cost)
     reference_eta, reference_lagrange = slsqp_duals(q_reward, q_cost, EPS_KL, eps_cost)
-    np.testing.assert_allclose(eta, reference_eta, rtol=2e-3)
-    np.testing.assert_allclose(lagrange, reference_lagrange, rtol=2e-3, atol=1e-4)
-    np.testing.assert_allclose(kl, EPS_KL, rtol=2e-2)  # the KL bound binds at an interior eta
-    assert q_cost_under_q <= eps_cost + 1e-3
-    cost_without_constraint = solve(q_reward, q_cost, 1e6)[3]
-    if cost_without_constraint > eps_cost:  # the cost constraint binds: lambda > 0 and the cost sits on the bound
-        assert lagrange > 1e-2
-        np.testing.assert_allclose(q_cost_under_q, eps_cost, rtol=1e-3)
-    else:
-        assert lagrange < 1e-5
+    for start in [(1.0, 0.0), (20.0, 20.0), (1e-3, 1e5), (300.0, 0.0)]:  # cold and warm starts, good and bad
+        (eta, lagrange), infeasible, kl, cost, iterations, residual = solve(q_reward, q_cost, eps_cost, start)
+        assert not infeasible and residual <= 1e-3 and iterations < 50
+        np.testing.assert_allclose(eta, reference_eta, rtol=1e-2)
+        np.testing.assert_allclose(lagrange, reference_lagrange, rtol=1e-2, atol=1e-3)
+        np.testing.assert_allclose(kl, EPS_KL, rtol=1e-2)  # the KL bound binds at an interior eta
+        assert cost <= eps_cost * 1.001
+        if reference_lagrange > 1e-3:  # the cost constraint binds: the cost sits on the bound
+            np.testing.assert_allclose(cost, eps_cost, rtol=1e-3)
+        else:
+            assert lagrange == 0.0
 
 
 def test_estep_covers_both_regimes():
-    q_reward, q_cost = q_values(0, 2.0)
-    assert solve(q_reward, q_cost, 1e6)[3] > 0.95  # (2.0, 0.95) above is a binding case
-    q_reward, q_cost = q_values(0, 1.0)
-    assert solve(q_reward, q_cost, 1e6)[3] < 2.0  # (1.0, 2.0) above is a slack case
+    assert slsqp_duals(*q_values(0, 2.0), EPS_KL, 0.95)[1] > 1.0  # (2.0, 0.95) above binds the cost
+    assert slsqp_duals(*q_values(0, 0.5), EPS_KL, 1.2)[1] < 1e-4  # (0.5, 1.2) above leaves it slack
+
+
+@pytest.mark.parametrize("eps_cost", [0.5, 0.0])
+def test_infeasible_estep_minimises_the_cost_inside_the_kl_ball(eps_cost):
+    q_reward, q_cost = q_values(1, 1.0, batch=8)
+    least_cost = least_cost_in_kl_ball(q_cost, EPS_KL)
+    assert least_cost > eps_cost + 0.1  # no q inside the ball meets the bound
+    for start in [(1.0, 0.0), (5.0, 50.0)]:
+        _, infeasible, kl, cost, _, residual = solve(q_reward, q_cost, eps_cost, start)
+        assert infeasible and residual <= 1e-3
+        assert kl <= EPS_KL * 1.01
+        np.testing.assert_allclose(cost, least_cost, rtol=1e-3)
+
+
+def test_estep_solver_converges_on_random_problems():
+    rng = np.random.default_rng(5)
+    for trial in range(30):
+        scale_reward, scale_cost = 10.0 ** rng.uniform(-3, 2, size=2)
+        q_reward = (rng.normal(size=(64, 16)) * scale_reward + rng.normal(size=(64, 1)) * 50).astype(np.float32)
+        q_cost = np.abs(rng.normal(size=(64, 16)) * scale_cost + rng.uniform(0, 40)).astype(np.float32)
+        q_cost[: rng.integers(0, 64)] = q_cost[:, :1].mean()  # some states where every action costs the same
+        eps_cost = float(np.quantile(q_cost.mean(axis=1), rng.uniform(0, 1)))
+        start = 10.0 ** rng.uniform(-4, 5, size=2)
+        _, infeasible, kl, cost, iterations, residual = solve(q_reward, q_cost, eps_cost, start)
+        assert residual <= 1e-3 and kl <= EPS_KL * 1.01, (trial, residual, kl)
+        if not infeasible:
+            assert cost <= eps_cost + 1e-3 * max(eps_cost, q_cost.std(axis=1).mean()) + 1e-6
 
 
 def gaussian_kl(mean_p, std_p, mean_q, std_q):
@@ -84,6 +155,9 @@ def test_decoupled_kl_terms_match_direct_gaussian_kl():
     kl_mean, kl_std = cvpo_jax.decoupled_gaussian_kl(mean_old, std_old, mean, std)
     np.testing.assert_allclose(kl_mean, np.mean(gaussian_kl(mean_old, std_old, mean, std_old)), rtol=1e-5)
     np.testing.assert_allclose(kl_std, np.mean(gaussian_kl(mean_old, std_old, mean_old, std)), rtol=1e-5)
+    floored_mean, _ = cvpo_jax.decoupled_gaussian_kl(mean_old, std_old, mean, std, std_floor=0.5)
+    np.testing.assert_allclose(floored_mean, np.mean(gaussian_kl(mean_old, np.maximum(std_old, 0.5), mean,
+                                                                 np.maximum(std_old, 0.5))), rtol=1e-5)
     # Monte Carlo check of one direct KL, independent of any closed form.
     samples = mean_old[0] + std_old[0] * rng.normal(size=(200_000, 3))
     log_ratio = np.sum(-0.5 * ((samples - mean_old[0]) / std_old[0]) ** 2 - np.log(std_old[0])
@@ -126,10 +200,187 @@ def test_n_step_targets_match_a_plain_loop():
     assert len(seen) == 14
 
 
-def test_cost_threshold_is_the_per_step_budget_discounted_over_an_episode():
-    d, gamma, length = 25.0, 0.99, 1000
-    assert np.isclose(cvpo_jax.cost_threshold(d, gamma, length), sum(d / length * gamma**t for t in range(length)))
+class KnownCritic(nn.Module):
+    """Q_r(s, a) = scale a_0 and Q_c(s, a) = scale (s_1 + a_0^2), stacked like CriticEnsemble with one critic each.
+    Its one parameter tells the online critic (scale 1) from the target (scale 3) in the wiring tests."""
+
+    @nn.compact
+    def __call__(self, obs, action):
+        scale = self.param("scale", nn.initializers.ones, ())
+        return scale * jnp.stack([action[..., 0] + 0 * obs[..., 0], obs[..., 1] + action[..., 0] ** 2])
+
+
+def known_setup(eps_cost, obs_offset=0.0, **flags):
+    """CVPO's real update functions on KnownCritic, with the current actor's mean 3 away from pi_old's."""
+    args = cvpo_jax.Args(**{"double_critic": False, "num_sampled_actions": 64, "estep_dual_max": 1e5,
+                            "hidden_sizes": (16, 16), **flags})
+    actor = cvpo_jax.Actor(1, (16, 16))
+    updates = cvpo_jax.make_train_round(args, actor, KnownCritic(), np.array([-100.0]), np.array([100.0]), eps_cost)
+    state = updates.init_state(jax.random.PRNGKey(0), 2, 1)
+    shifted = jax.tree_util.tree_map_with_path(
+        lambda path, x: x + 3.0 if "Dense_2" in jax.tree_util.keystr(path) and "bias" in jax.tree_util.keystr(path)
+        else x, state.old_actor_params)
+    state = state.replace(actor=state.actor.replace(params=shifted),
+                          target_critic_params=jax.tree.map(lambda x: 3.0 * x, state.critic.params))
+    obs = jnp.asarray(np.stack([np.linspace(-1, 1, 32), np.full(32, obs_offset)], axis=1), jnp.float32)
+    return args, actor, updates, state, obs
+
+
+def pi_old_cost(actor, state, obs):
+    mean, std = actor.apply(state.old_actor_params, obs)
+    return float(jnp.mean(obs[:, 1] + mean[:, 0] ** 2 + std[:, 0] ** 2))
+
+
+def test_estep_samples_pi_old_weighs_with_the_online_critics_and_meets_both_bounds():
+    _, actor, _, state, obs = known_setup(0.0)
+    eps_cost = 0.8 * pi_old_cost(actor, state, obs)  # the reward pulls a_0 up, the cost bound holds it back
+    _, actor, updates, state, obs = known_setup(eps_cost)
+    _, sampled, weights, metrics = jax.jit(updates.estep)(state, obs, jax.random.PRNGKey(1))
+    mean_old, std_old = actor.apply(state.old_actor_params, obs)
+    standardised = np.asarray((sampled - mean_old[:, None]) / std_old[:, None])
+    assert abs(standardised.mean()) < 0.1 and abs(standardised.std() - 1) < 0.1  # K samples from pi_old
+    eta, lagrange = float(metrics["charts/estep_eta"]), float(metrics["charts/estep_lambda"])
+    q_reward, q_cost = np.asarray(sampled[..., 0]), np.asarray(obs[:, None, 1] + sampled[..., 0] ** 2)
+    expected = np.exp((q_reward - lagrange * q_cost) / eta - ((q_reward - lagrange * q_cost) / eta).max(1, keepdims=True))
+    np.testing.assert_allclose(weights, expected / expected.sum(1, keepdims=True), rtol=1e-3, atol=1e-7)
+    kl, cost = kl_and_cost((q_reward - lagrange * q_cost) / eta, q_cost)
+    assert lagrange > 0.01 and float(metrics["estep/infeasible"]) == 0.0
+    np.testing.assert_allclose(kl, EPS_KL, rtol=1e-2)
+    np.testing.assert_allclose(cost, eps_cost, rtol=2e-3)
+
+
+def test_infeasible_estep_stays_inside_the_kl_ball():
+    _, actor, updates, state, obs = known_setup(0.5, obs_offset=1.0, num_sampled_actions=16)  # Q_c >= 1 > 0.5
+    obs = obs[:8]
+    state = state.replace(duals=jnp.array([0.01, 50.0]))  # a poor warm start
+    _, sampled, weights, metrics = jax.jit(updates.estep)(state, obs, jax.random.PRNGKey(2))
+    q_cost = np.asarray(obs[:, None, 1] + sampled[..., 0] ** 2, np.float64)
+    kl, cost = kl_and_cost(np.log(np.asarray(weights, np.float64) + 1e-300), q_cost)
+    assert float(metrics["estep/infeasible"]) == 1.0
+    assert kl <= EPS_KL * 1.01
+    np.testing.assert_allclose(cost, least_cost_in_kl_ball(q_cost, EPS_KL), rtol=2e-3)
+
+
+@pytest.mark.parametrize("actor_lr, alpha_moves", [(0.05, "up"), (1e-7, "down")])
+def test_mstep_holds_its_trust_region_and_moves_its_multipliers_the_right_way(actor_lr, alpha_moves):
+    args, actor, updates, state, obs = known_setup(1.0, actor_lr=actor_lr)
+    state = state.replace(actor=state.actor.replace(params=state.old_actor_params))
+    mean_old, std_old = actor.apply(state.old_actor_params, obs)
+    sampled = mean_old[:, None] + std_old[:, None] * jax.random.normal(jax.random.PRNGKey(3), (32, 16, 1))
+    weights = jax.nn.one_hot(jnp.argmax(sampled[..., 0], axis=1), 16)  # q far from pi_old: a strong pull
+    new_state, metrics = jax.jit(updates.mstep)(state, obs, sampled, weights)
+    kl_mean, kl_std = cvpo_jax.decoupled_gaussian_kl(mean_old, std_old, *actor.apply(new_state.actor.params, obs),
+                                                      std_floor=args.mstep_kl_std_floor)
+    assert kl_mean <= 0.005 * (1 + 1e-4) and kl_std <= 0.0005 * (1 + 1e-4)
+    moved = np.asarray(new_state.mstep_log_alphas - state.mstep_log_alphas)
+    if alpha_moves == "up":  # the full step would leave the trust region: it was cut, the multipliers rise
+        assert float(metrics["mstep/step_fraction"]) < 1 and np.all(moved > 0)
+    else:
+        assert float(metrics["mstep/step_fraction"]) == 1 and np.all(moved < 0)
+
+
+def test_train_round_keeps_the_multipliers_and_refreshes_pi_old_after_the_round():
+    args, actor, updates, state, obs = known_setup(1.0, actor_lr=0.05)
+    state = state.replace(actor=state.actor.replace(params=state.old_actor_params),
+                          mstep_log_alphas=jnp.log(jnp.array([7.0, 7.0])))
+    updates_in_round = 3
+    batches = {"obs": jnp.broadcast_to(obs, (updates_in_round, *obs.shape)),
+               "actions": jnp.zeros((updates_in_round, 32, 1)), "reward_return": jnp.zeros((updates_in_round, 32)),
+               "cost_return": jnp.zeros((updates_in_round, 32)),
+               "bootstrap_obs": jnp.broadcast_to(obs, (updates_in_round, *obs.shape)),
+               "bootstrap_discount": jnp.zeros((updates_in_round, 32))}
+    new_state, metrics = updates.train_round(state, batches, jax.random.PRNGKey(4))
+    np.testing.assert_allclose(np.exp(new_state.mstep_log_alphas), 7.0,
+                               rtol=np.exp(updates_in_round * args.mstep_dual_lr) - 1 + 1e-6)  # not reset
+    assert float(metrics["mstep/kl_mu"]) > 0  # pi_old stays fixed during the round, so the actor drifts from it
+    for old, new in zip(jax.tree.leaves(new_state.old_actor_params), jax.tree.leaves(new_state.actor.params)):
+        np.testing.assert_array_equal(old, new)  # pi_old <- the updated actor after the round
+    assert not np.allclose(jax.tree.leaves(new_state.actor.params)[0], jax.tree.leaves(state.actor.params)[0])
+
+
+def test_cost_threshold_is_the_discounted_cost_the_critic_estimates():
+    """A cost of d / T at every step of truncated T-step episodes: the cost critic, bootstrapping through the
+    truncations, converges to the threshold d / ((1 - gamma) T)."""
+    d, gamma, length = 5.0, 0.9, 20
+    args = cvpo_jax.Args(gamma=gamma, n_step=1, hidden_sizes=(16, 16), critic_lr=3e-3, batch_size=64,
+                         double_critic=False, estep_dual_max=1e5)
+    actor, critic = cvpo_jax.Actor(1, (16, 16)), cvpo_jax.CriticEnsemble((16, 16), 1)
+    eps_cost = cvpo_jax.cost_threshold(d, gamma, length)
+    updates = cvpo_jax.make_train_round(args, actor, critic, np.array([-1.0]), np.array([1.0]), eps_cost)
+    state = updates.init_state(jax.random.PRNGKey(0), 2, 1)
+    buffer, rng = cvpo_jax.ReplayBuffer(4000, 2, 2, 1), np.random.default_rng(0)
+    for t in range(2000):
+        obs = np.tile([1.0, 0.0], (2, 1))
+        buffer.add(obs=obs, actions=rng.uniform(-1, 1, (2, 1)), rewards=np.zeros(2), costs=np.full(2, d / length),
+                   next_obs=obs, terminated=np.zeros(2, bool), episode_ended=np.full(2, t % length == length - 1))
+    for round_index in range(10):
+        batches = buffer.sample_n_step(rng, (200, args.batch_size), args.n_step, gamma)
+        state, metrics = updates.train_round(state, batches, jax.random.PRNGKey(round_index))
+    q_cost = critic.apply(state.critic.params, jnp.ones((16, 2)) * jnp.array([1.0, 0.0]), jnp.linspace(-1, 1, 16)[:, None])[1]
+    np.testing.assert_allclose(q_cost, eps_cost, rtol=0.03)
+    np.testing.assert_allclose(eps_cost, d / length / (1 - gamma))
     assert cvpo_jax.cost_threshold(0.0, gamma, length) == 0.0
+
+
+def test_discounted_cost_to_go_matches_a_plain_loop():
+    gamma, rng = 0.9, np.random.default_rng(4)
+    costs = rng.integers(0, 2, size=(30, 2)).astype(float)
+    ended = np.zeros((30, 2), bool)
+    ended[[9, 19], 0], ended[[14], 1] = True, True
+    terminated = np.zeros((30, 2), bool)
+    terminated[19, 0] = True
+    values = cvpo_jax.discounted_cost_to_go(costs, ended, terminated, gamma)
+    for env, episodes in ((0, [(0, 9, False), (10, 19, True)]), (1, [(0, 14, False)])):
+        for start, end, was_terminated in episodes:
+            tail = 0.0 if was_terminated else costs[start:end + 1, env].mean() / (1 - gamma)
+            for t in range(start, end + 1):
+                expected = sum(gamma ** (k - t) * costs[k, env] for k in range(t, end + 1)) + gamma ** (end + 1 - t) * tail
+                np.testing.assert_allclose(values[t, env], expected)
+    assert np.isnan(values[20:, 0]).all() and np.isnan(values[15:, 1]).all()  # episodes still running
+    constant = cvpo_jax.discounted_cost_to_go(np.full((20, 1), 0.25), np.arange(20)[:, None] == 19,
+                                              np.zeros((20, 1), bool), gamma)
+    np.testing.assert_allclose(constant, 0.25 / (1 - gamma))  # what the critics estimate for a constant cost
+
+
+def test_resume_ends_the_interrupted_episodes_in_the_buffer():
+    buffer = cvpo_jax.ReplayBuffer(capacity=20, num_envs=1, obs_dim=1, action_dim=1)
+    add = lambda t: buffer.add(obs=[[t]], actions=[[0.0]], rewards=[1.0], costs=[0.0], next_obs=[[t + 1]],
+                               terminated=[False], episode_ended=[False])
+    for t in range(5):
+        add(t)
+    buffer.mark_newest_episode_end()  # what --resume does: the envs restart their episodes
+    for t in range(100, 103):
+        add(t)
+    batch = buffer.sample_n_step(np.random.default_rng(0), (200,), 3, 0.5)
+    last_before = batch["obs"][:, 0] == 4
+    assert last_before.any()
+    np.testing.assert_allclose(batch["reward_return"][last_before], 1.0)  # its own step only
+    np.testing.assert_allclose(batch["bootstrap_obs"][last_before, 0], 5.0)  # bootstraps from its true next state
+
+
+def test_interrupt_during_a_round_saves_a_state_and_step_that_agree(tmp_path):
+    """Rounds of 1000 updates dominate the run's time, so the SIGINT almost surely lands inside one."""
+    flags = ["--env-id", TOY_ENV, "--num-envs", 2, "--no-async-envs", "--learning-starts", 200,
+             "--update-interval", 200, "--updates-per-step", 5, "--batch-size", 32, "--hidden-sizes", 16, 16,
+             "--eval-every", 0, "--total-timesteps", 1_000_000]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
+    process = subprocess.Popen(script_command("cvpo_jax.py", *flags), cwd=tmp_path, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        time.sleep(0.5)
+        metrics_files = list((tmp_path / "runs").glob("*/metrics.jsonl"))
+        if metrics_files and sum("estep/kl_q_pi_old" in line for line in open(metrics_files[0])) >= 2:
+            break
+    time.sleep(0.3)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    match = re.search(r"interrupted at global step (\d+); resume with --resume (\S+)", stderr)
+    assert match, stderr[-2000:]
+    with open(tmp_path / match.group(2), "rb") as file:
+        saved = pickle.load(file)
+    rounds_done = (saved["global_step"] - 200) // 200 + 1
+    assert saved["state"]["actor"]["step"] == 1000 * rounds_done
 
 
 TOY_FLAGS = ["--env-id", TOY_ENV, "--num-envs", 4, "--no-async-envs", "--learning-starts", 1000,
@@ -156,9 +407,10 @@ def test_cvpo_keeps_the_cost_under_the_limit_on_the_toy_task(tmp_path):
 
 
 def test_end_to_end_safety_point_goal_with_checkpoint_evaluation(tmp_path):
-    run_script("cvpo_jax.py", "--env-id", "SafetyPointGoal1-v0", "--total-timesteps", 2000, "--num-envs", 2,
-               "--learning-starts", 1000, "--update-interval", 500, "--buffer-size", 10000, "--eval-every", 0,
-               "--eval-episodes", 1, "--save-model", cwd=tmp_path)
+    training = run_script("cvpo_jax.py", "--env-id", "SafetyPointGoal1-v0", "--total-timesteps", 2000,
+                          "--num-envs", 2, "--learning-starts", 1000, "--update-interval", 500, "--buffer-size", 10000,
+                          "--eval-every", 0, "--eval-episodes", 1, "--save-model", "--progress-every", 1, cwd=tmp_path)
+    assert re.search(r"^global step [\d,]+/2,000: [\d,]+ steps/s, ", training.stdout, re.M)  # stdout is no terminal
     run_dir = only_run_dir(tmp_path)
     metrics = read_metrics(run_dir)
     assert metrics[-1]["global_step"] == 2000 and "eval/episodic_return" in metrics[-1]
