@@ -50,7 +50,8 @@ OUR_SCRIPTS = {"CVPO": "cvpo_jax.py", "PPO-Lag": "ppo_lagrangian_jax.py", "SAC-L
 FSRL_ALGOS = {"CVPO": "cvpo", "PPO-Lag": "ppol", "SAC-Lag": "sacl"}
 # Our flags that match the FSRL side (fsrl_driver.py): K=16 for CVPO; for PPO-Lag FSRL's update per rollout
 # (4 passes, batch 256) instead of our OmniSafe-like default (up to 40 passes, minibatch 64), and its rollout length.
-MATCHED_FLAGS = {"CVPO": ["--num-sampled-actions", "16", "--no-double-critic"], "PPO-Lag": ["--update-epochs", "4", "--minibatch-size", "256"]}
+# CVPO: rounds of 2 episodes, as the FSRL driver collects num_envs episodes per round (FSRL's own config uses 10).
+MATCHED_FLAGS = {"CVPO": ["--num-sampled-actions", "16", "--no-double-critic", "--update-interval", "2000"], "PPO-Lag": ["--update-epochs", "4", "--minibatch-size", "256"]}
 PPO_EPISODES_PER_COLLECT, EPISODE_LENGTH = 4, 1000
 
 
