@@ -39,8 +39,7 @@ REFERENCES = [
      "return": "~10", "cost": "~30-35",
      "source": "FSRL benchmark curves (github.com/liuzuxin/FSRL, README figures), read off the plot"},
     {"algorithm": "PPO-Lag (OmniSafe PPOLag)", "task": "SafetyPointGoal1-v0", "cost_limit": 25,
-     "budget": "not stated beside the table (the README's grid comment gives 1e6 steps as a reproduction option); "
-               "mean ± std over seeds and 10 evaluation iterations",
+     "budget": "1e7 env steps (the table's caption); mean ± std over seeds and 10 evaluation iterations",
      "return": "12.96 ± 6.95", "cost": "25.80 ± 34.99",
      "source": "OmniSafe benchmarks/on-policy/README.md, Table 2 (github.com/PKU-Alignment/omnisafe)"},
 ]
