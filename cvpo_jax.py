@@ -122,6 +122,8 @@ class Args:
     """gradient updates per env step"""
     update_interval: Optional[int] = None
     """env steps per round of updates, after which pi_old is refreshed (computed at run time: 10 episodes, as FSRL)"""
+    overlap_learning: bool = True
+    """learn a round while the envs collect the next with the last finished actor (acting lags one round)"""
     hidden_sizes: tuple[int, ...] = (128, 128)
     """hidden layers of the actor and of each critic"""
     double_critic: bool = False
@@ -425,8 +427,14 @@ class QNetwork(nn.Module):
 
     @nn.compact
     def __call__(self, obs, action):
-        x = jnp.concatenate([obs, action], axis=-1)
-        for size in self.hidden_sizes:
+        # The first layer on (obs, action) as a state part plus an action part, initialised as one layer on their
+        # concatenation: obs of shape (B, 1, obs_dim) against actions (B, K, action_dim) computes each state's part
+        # once for its K sampled actions.
+        fan_in = obs.shape[-1] + action.shape[-1]
+        part_init = lambda dim: nn.initializers.variance_scaling(dim / fan_in, "fan_in", "truncated_normal")
+        x = nn.relu(nn.Dense(self.hidden_sizes[0], kernel_init=part_init(obs.shape[-1]))(obs)
+                    + nn.Dense(self.hidden_sizes[0], use_bias=False, kernel_init=part_init(action.shape[-1]))(action))
+        for size in self.hidden_sizes[1:]:
             x = nn.relu(nn.Dense(size)(x))
         return nn.Dense(1)(x)[..., 0]
 
@@ -664,9 +672,8 @@ def make_train_round(args, actor, critic, action_low, action_high, eps_cost):
         mean_old, std_old = actor.apply(state.old_actor_params, obs)
         noise = jax.random.normal(key, (obs.shape[0], args.num_sampled_actions, mean_old.shape[-1]))
         sampled = mean_old[:, None] + std_old[:, None] * noise  # (B, K, A)
-        repeated_obs = jnp.broadcast_to(obs[:, None], (*sampled.shape[:2], obs.shape[-1]))
         q_reward, q_cost = reward_and_cost(  # (B, K) each
-            critic.apply(state.critic.params, repeated_obs, jnp.clip(sampled, action_low, action_high)))
+            critic.apply(state.critic.params, obs[:, None], jnp.clip(sampled, action_low, action_high)))
         if args.estep_solver == "newton":
             duals, cost_temperature, logits, infeasible, iterations, kkt_residual = solve_estep(
                 state.duals, state.cost_temperature, q_reward, q_cost, args.estep_kl, eps_cost,
@@ -862,14 +869,19 @@ def main(args):
         buffer.data, buffer.position, buffer.full = checkpoint["buffer"], checkpoint["buffer_position"], checkpoint["buffer_full"]
         rng.bit_generator.state = checkpoint["rng_state"]
         buffer.mark_newest_episode_end()  # the envs restart their episodes now
+    acting_params = state.actor.params  # the actor that collects: the last finished round's
+    if checkpoint is not None and "acting_actor_params" in checkpoint:
+        acting_params = flax.serialization.from_state_dict(acting_params, checkpoint["acting_actor_params"])
     logger = MetricsLogger(run_dir, args, run_name)
     checkpoint_path = os.path.join(run_dir, "checkpoints", "checkpoint.pkl")
 
     def write_checkpoint(agent_state, step):
         return save_checkpoint(checkpoint_path, {
             "args": vars(args), "run_name": run_name, "global_step": step, "key": np.asarray(key),
-            "state": flax.serialization.to_state_dict(jax.device_get(agent_state)), "buffer": buffer.data,
-            "buffer_position": buffer.position, "buffer_full": buffer.full, "rng_state": rng.bit_generator.state})
+            "state": flax.serialization.to_state_dict(jax.device_get(agent_state)),
+            "acting_actor_params": flax.serialization.to_state_dict(jax.device_get(acting_params)),
+            "buffer": buffer.data, "buffer_position": buffer.position, "buffer_full": buffer.full,
+            "rng_state": rng.bit_generator.state})
 
     @jax.jit
     def sample_actions(params, obs, key):
@@ -882,6 +894,26 @@ def main(args):
 
     updates_per_round = max(1, round(args.update_interval * args.updates_per_step))
     rows_per_round = max(1, args.update_interval // args.num_envs)
+
+    def finish_round(round_in_flight):
+        """Wait for a dispatched round, check and log its metrics, and return the state it produced."""
+        state_before, state_after, metrics = round_in_flight
+        metrics = jax.device_get(metrics)
+        metrics.update(cost_critic_bias(buffer.latest(rows_per_round), args.gamma,
+                                        lambda obs, actions: cost_q(state_after.critic.params, obs, actions)))
+        not_finite = sorted((not name.startswith("losses/"), name) for name, value in metrics.items()
+                            if not np.isfinite(value))  # a loss first: the others follow from it
+        if not_finite:
+            name, others = not_finite[0][1], len(not_finite) - 1
+            path = write_checkpoint(state_before, global_step)
+            fail(f"{name} became {metrics[name]} at global step {global_step}"
+                 f"{f' (and {others} other metrics)' if others else ''}; last finite state saved to {path}")
+        sps = (global_step - start_step) / (time.time() - start_time)
+        logger.log({**metrics, "charts/estep_cost_threshold": eps_cost, "charts/SPS": sps}, global_step)
+        progress.set_postfix(ret=f"{np.mean(recent['return'] or [0]):.1f}",
+                             cost=f"{np.mean(recent['cost'] or [0]):.1f}", sps=f"{sps:.0f}")
+        return state_after
+
     # Ctrl-C and SIGTERM are acted on between loop iterations, where the state, the buffer and the step agree.
     stop_signals = []
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -893,12 +925,13 @@ def main(args):
     start_time, start_step = time.time(), global_step
     progress = tqdm(total=args.total_timesteps, initial=global_step, unit="step", disable=None)
     next_report = time.time() + args.progress_every  # without a terminal, a progress line every so often
+    round_in_flight = None  # (state before, state after, metrics) of the round dispatched at the last boundary
     try:
         while global_step < args.total_timesteps:
             if stop_signals:
                 raise KeyboardInterrupt
             key, action_key = jax.random.split(key)
-            actions = np.asarray(sample_actions(state.actor.params, obs.astype(np.float32), action_key))
+            actions = np.asarray(sample_actions(acting_params, obs.astype(np.float32), action_key))
             env_actions = np.clip(actions, action_low, action_high)
             next_obs, rewards, terminations, truncations, infos = envs.step(env_actions)
             costs = step_costs(infos, args.num_envs)
@@ -926,41 +959,38 @@ def main(args):
                 episode_returns[ended], episode_costs[ended], episode_lengths[ended] = 0.0, 0.0, 0
 
             if global_step >= args.learning_starts and global_step // args.update_interval > previous_step // args.update_interval:
+                if round_in_flight is not None:
+                    state, round_in_flight = finish_round(round_in_flight), None
                 batches = buffer.sample_n_step(rng, (updates_per_round, args.batch_size), args.n_step, args.gamma)
                 key, round_key = jax.random.split(key)
-                previous_state = state
-                state, metrics = updates.train_round(state, batches, round_key)
-                metrics = jax.device_get(metrics)
-                metrics.update(cost_critic_bias(buffer.latest(rows_per_round), args.gamma,
-                                                lambda obs, actions: cost_q(state.critic.params, obs, actions)))
-                not_finite = sorted((not name.startswith("losses/"), name) for name, value in metrics.items()
-                                    if not np.isfinite(value))  # a loss first: the others follow from it
-                if not_finite:
-                    name, others = not_finite[0][1], len(not_finite) - 1
-                    path = write_checkpoint(previous_state, global_step)
-                    fail(f"{name} became {metrics[name]} at global step {global_step}"
-                         f"{f' (and {others} other metrics)' if others else ''}; last finite state saved to {path}")
-                sps = (global_step - start_step) / (time.time() - start_time)
-                logger.log({**metrics, "charts/estep_cost_threshold": eps_cost, "charts/SPS": sps}, global_step)
-                progress.set_postfix(ret=f"{np.mean(recent['return'] or [0]):.1f}",
-                                     cost=f"{np.mean(recent['cost'] or [0]):.1f}", sps=f"{sps:.0f}")
+                # JAX dispatches the round and returns at once: with overlap it runs while the envs step
+                round_in_flight = (state, *updates.train_round(state, batches, round_key))
+                if not args.overlap_learning:
+                    state, round_in_flight = finish_round(round_in_flight), None
+                acting_params = state.actor.params
 
             if args.eval_every and global_step // args.eval_every > previous_step // args.eval_every:
-                mean_return, mean_cost = evaluate(actor, state.actor.params, eval_env_thunk(f"step{global_step}"),
+                mean_return, mean_cost = evaluate(actor, acting_params, eval_env_thunk(f"step{global_step}"),
                                                   args.eval_episodes, args.seed + 10_000)
                 logger.log(evaluation_metrics(mean_return, mean_cost, args.cost_limit), global_step)
             if args.save_model and global_step // args.checkpoint_every > previous_step // args.checkpoint_every:
+                if round_in_flight is not None:  # the round's result is saved; acting still lags as it would
+                    state, round_in_flight = finish_round(round_in_flight), None
                 write_checkpoint(state, global_step)
             if progress.disable and time.time() >= next_report:
                 next_report = time.time() + args.progress_every
                 print(progress_line(global_step, args.total_timesteps, start_step, start_time, recent), flush=True)
     except KeyboardInterrupt:
+        if round_in_flight is not None:
+            state = finish_round(round_in_flight)
         path = write_checkpoint(state, global_step)
         progress.close()
         with contextlib.suppress(Exception):  # on Ctrl-C the env workers were interrupted too
             envs.close(terminate=True)
         logger.close()
         sys.exit(f"interrupted at global step {global_step}; resume with --resume {path}")
+    if round_in_flight is not None:
+        state = finish_round(round_in_flight)
     progress.close()
     envs.close()
     mean_return, mean_cost = evaluate(actor, state.actor.params, eval_env_thunk("final"), args.eval_episodes,

@@ -123,6 +123,8 @@ class Args:
     """gradient updates per env step"""
     update_interval: int = 2_000
     """env steps per round; a round updates the multiplier, then runs its gradient updates in one jitted scan"""
+    overlap_learning: bool = True
+    """learn a round while the envs collect the next with the last finished actor (acting lags one round)"""
     hidden_sizes: tuple[int, ...] = (128, 128)
     """hidden layers of the actor and of each critic"""
     actor_lr: float = 5e-4
@@ -634,19 +636,39 @@ def main(args):
         rng.bit_generator.state = checkpoint["rng_state"]
         costs_since_multiplier_step = checkpoint["costs_since_multiplier_step"]
         buffer.mark_newest_episode_end()  # the envs restart their episodes now
+    acting_params = state.actor.params  # the actor that collects: the last finished round's
+    if checkpoint is not None and "acting_actor_params" in checkpoint:
+        acting_params = flax.serialization.from_state_dict(acting_params, checkpoint["acting_actor_params"])
     logger = MetricsLogger(run_dir, args, run_name)
     checkpoint_path = os.path.join(run_dir, "checkpoints", "checkpoint.pkl")
 
     def write_checkpoint(agent_state, step):
         return save_checkpoint(checkpoint_path, {
             "args": vars(args), "run_name": run_name, "global_step": step, "key": np.asarray(key),
-            "state": flax.serialization.to_state_dict(jax.device_get(agent_state)), "buffer": buffer.data,
-            "buffer_position": buffer.position, "buffer_full": buffer.full, "rng_state": rng.bit_generator.state,
-            "costs_since_multiplier_step": costs_since_multiplier_step})
+            "state": flax.serialization.to_state_dict(jax.device_get(agent_state)),
+            "acting_actor_params": flax.serialization.to_state_dict(jax.device_get(acting_params)),
+            "buffer": buffer.data, "buffer_position": buffer.position, "buffer_full": buffer.full,
+            "rng_state": rng.bit_generator.state, "costs_since_multiplier_step": costs_since_multiplier_step})
 
     sample_actions = jax.jit(lambda params, obs, key: squashed_gaussian_sample(
         *actor.apply(params, obs), key, action_scale, action_bias)[0])
     updates_per_round = max(1, round(args.update_interval * args.updates_per_step))
+
+    def finish_round(round_in_flight):
+        """Wait for a dispatched round, check and log its metrics, and return the state it produced."""
+        state_before, state_after, metrics = round_in_flight
+        metrics = jax.device_get(metrics)
+        for name, value in metrics.items():
+            if not np.isfinite(value):
+                path = write_checkpoint(state_before, global_step)
+                fail(f"{name} became {value} at global step {global_step}; last finite state saved to {path}")
+        sps = (global_step - start_step) / (time.time() - start_time)
+        logger.log({**metrics, "charts/SPS": sps}, global_step)
+        progress.set_postfix(ret=f"{np.mean(recent['return'] or [0]):.1f}",
+                             cost=f"{np.mean(recent['cost'] or [0]):.1f}", sps=f"{sps:.0f}",
+                             lag=f"{metrics['charts/lagrange_multiplier']:.2f}")
+        return state_after
+
     # Ctrl-C and SIGTERM are acted on between loop iterations, where the state, the buffer and the step agree.
     stop_signals = []
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -658,12 +680,13 @@ def main(args):
     start_time, start_step = time.time(), global_step
     progress = tqdm(total=args.total_timesteps, initial=global_step, unit="step", disable=None)
     next_report = time.time() + args.progress_every  # without a terminal, a progress line every so often
+    round_in_flight = None  # (state before, state after, metrics) of the round dispatched at the last boundary
     try:
         while global_step < args.total_timesteps:
             if stop_signals:
                 raise KeyboardInterrupt
             key, action_key = jax.random.split(key)
-            actions = np.asarray(sample_actions(state.actor.params, obs.astype(np.float32), action_key))
+            actions = np.asarray(sample_actions(acting_params, obs.astype(np.float32), action_key))
             next_obs, rewards, terminations, truncations, infos = envs.step(actions)
             costs = step_costs(infos, args.num_envs)
             ended = terminations | truncations
@@ -691,45 +714,45 @@ def main(args):
                 episode_returns[ended], episode_costs[ended], episode_lengths[ended] = 0.0, 0.0, 0
 
             if global_step >= args.learning_starts and global_step // args.update_interval > previous_step // args.update_interval:
-                previous_state, multiplier_metrics = state, {}
+                if round_in_flight is not None:
+                    state, round_in_flight = finish_round(round_in_flight), None
+                state_before, multiplier_metrics = state, {}
                 if costs_since_multiplier_step:
                     state, multiplier_metrics = update_multiplier(state, np.mean(costs_since_multiplier_step),
                                                                   len(costs_since_multiplier_step))
                     costs_since_multiplier_step = []
                 batches = buffer.sample_n_step(rng, (updates_per_round, args.batch_size), args.n_step, args.gamma)
                 key, round_key = jax.random.split(key)
-                round_start = time.time()
-                state, metrics = train_round(state, batches, round_key)
-                metrics = jax.device_get({**metrics, **multiplier_metrics})
-                updates_per_second = updates_per_round / (time.time() - round_start)
-                for name, value in metrics.items():
-                    if not np.isfinite(value):
-                        path = write_checkpoint(previous_state, global_step)
-                        fail(f"{name} became {value} at global step {global_step}; last finite state saved to {path}")
-                sps = (global_step - start_step) / (time.time() - start_time)
-                logger.log({**metrics, "charts/SPS": sps, "charts/updates_per_second": updates_per_second},
-                           global_step)
-                progress.set_postfix(ret=f"{np.mean(recent['return'] or [0]):.1f}",
-                                     cost=f"{np.mean(recent['cost'] or [0]):.1f}", sps=f"{sps:.0f}",
-                                     lag=f"{metrics['charts/lagrange_multiplier']:.2f}")
+                # JAX dispatches the round and returns at once: with overlap it runs while the envs step
+                state_after, round_metrics = train_round(state, batches, round_key)
+                round_in_flight = (state_before, state_after, {**round_metrics, **multiplier_metrics})
+                if not args.overlap_learning:
+                    state, round_in_flight = finish_round(round_in_flight), None
+                acting_params = state.actor.params
 
             if args.eval_every and global_step // args.eval_every > previous_step // args.eval_every:
-                mean_return, mean_cost = evaluate(deterministic_policy, state.actor.params,
+                mean_return, mean_cost = evaluate(deterministic_policy, acting_params,
                                                   eval_env_thunk(f"step{global_step}"), args.eval_episodes,
                                                   args.seed + 10_000)
                 logger.log(evaluation_metrics(mean_return, mean_cost, args.cost_limit), global_step)
             if args.save_model and global_step // args.checkpoint_every > previous_step // args.checkpoint_every:
+                if round_in_flight is not None:  # the round's result is saved; acting still lags as it would
+                    state, round_in_flight = finish_round(round_in_flight), None
                 write_checkpoint(state, global_step)
             if progress.disable and time.time() >= next_report:
                 next_report = time.time() + args.progress_every
                 print(progress_line(global_step, args.total_timesteps, start_step, start_time, recent), flush=True)
     except KeyboardInterrupt:
+        if round_in_flight is not None:
+            state = finish_round(round_in_flight)
         path = write_checkpoint(state, global_step)
         progress.close()
         with contextlib.suppress(Exception):  # on Ctrl-C the env workers were interrupted too
             envs.close(terminate=True)
         logger.close()
         sys.exit(f"interrupted at global step {global_step}; resume with --resume {path}")
+    if round_in_flight is not None:
+        state = finish_round(round_in_flight)
     progress.close()
     envs.close()
     mean_return, mean_cost = evaluate(deterministic_policy, state.actor.params, eval_env_thunk("final"),

@@ -112,6 +112,7 @@ def command_train(args):
 
     def one_iteration():
         stats = collector.collect(n_episode=episodes_per_collect)
+        learn_start = time.perf_counter()
         if on_policy:  # OnpolicyTrainer.policy_update_fn
             policy.pre_update_fn(stats_train=stats, batch_size=args.batch_size, buffer=buffer)
             policy.update(0, buffer, batch_size=args.batch_size, repeat=args.ppo_repeat)
@@ -125,22 +126,23 @@ def command_train(args):
             for _ in range(updates):
                 policy.update(args.batch_size, buffer)
             policy.post_update_fn(stats_train=stats)
-        return int(stats["n/st"]), updates, stats
+        return int(stats["n/st"]), updates, stats, time.perf_counter() - learn_start
 
     warm = 0
     while warm < args.warmup_steps:
         warm += one_iteration()[0]
-    steps, updates, returns, costs = 0, 0, [], []
+    steps, updates, learn_seconds, returns, costs = 0, 0, 0.0, [], []
     start = time.perf_counter()
     while steps < args.steps:
-        n, u, stats = one_iteration()
-        steps, updates = steps + n, updates + u
+        n, u, stats, seconds = one_iteration()
+        steps, updates, learn_seconds = steps + n, updates + u, learn_seconds + seconds
         returns.append(float(stats["rew"]))
         costs.append(float(stats["cost"]))
     elapsed = time.perf_counter() - start
     envs.close()
     return {"algo": args.algo, "num_envs": args.num_envs, "warmup_steps": warm, "steps": steps,
             "updates": updates, "seconds": elapsed, "steps_per_second": steps / elapsed,
+            "learner_seconds_per_step": learn_seconds / steps,
             "episodic_return": float(np.mean(returns)), "episodic_cost": float(np.mean(costs))}
 
 

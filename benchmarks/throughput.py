@@ -52,7 +52,7 @@ FSRL_ALGOS = {"CVPO": "cvpo", "PPO-Lag": "ppol", "SAC-Lag": "sacl"}
 # (4 passes, batch 256) instead of our OmniSafe-like default (up to 40 passes, minibatch 64), and its rollout length.
 # CVPO: rounds of 2 episodes, as the FSRL driver collects num_envs episodes per round (FSRL's own config uses 10).
 MATCHED_FLAGS = {"CVPO": ["--num-sampled-actions", "16", "--no-double-critic", "--update-interval", "2000"], "PPO-Lag": ["--update-epochs", "4", "--minibatch-size", "256"]}
-PPO_EPISODES_PER_COLLECT, EPISODE_LENGTH = 4, 1000
+PPO_EPISODES_PER_COLLECT, EPISODE_LENGTH, UPDATES_PER_STEP = 4, 1000, 0.2
 
 
 def log(message):
@@ -159,10 +159,6 @@ def our_training_throughput(name, script, task, num_envs, warmup_steps, steps, l
     iterations = [r["estep/solver_iterations"] for r in records if "estep/solver_iterations" in r]
     if iterations:
         out["estep_solver_iterations"] = sum(iterations) / len(iterations)
-    round_rates = [r["charts/updates_per_second"] for r in records
-                   if "charts/updates_per_second" in r and r["global_step"] >= start_at]
-    if round_rates:  # gradient updates per second inside the jitted update rounds, env stepping excluded
-        out["updates_per_second_in_rounds"] = sum(round_rates) / len(round_rates)
     if len(timed) >= 2:
         (s0, v0), (s1, v1) = timed[0], timed[-1]
         seconds = s1 / v1 - s0 / v0
@@ -208,6 +204,93 @@ def our_learner_ms(ks, batch_size, updates, solver):
             timings.append((time.perf_counter() - start) / updates * 1000)
         results[str(k)] = {"ms": min(timings), "solver_iterations": float(metrics.get("estep/solver_iterations", 1))}
     return results
+
+
+def random_batches(rng, shape, obs_dim, action_dim):
+    import numpy as np
+
+    return {"obs": rng.standard_normal((*shape, obs_dim)).astype(np.float32),
+            "actions": rng.uniform(-1, 1, (*shape, action_dim)).astype(np.float32),
+            "reward_return": rng.standard_normal(shape).astype(np.float32) * 0.1,
+            "cost_return": (rng.random(shape) < 0.05).astype(np.float32),
+            "bootstrap_obs": rng.standard_normal((*shape, obs_dim)).astype(np.float32),
+            "bootstrap_discount": np.full(shape, 0.995**3, np.float32)}
+
+
+def best_seconds(call, repeats=5):
+    """Best of `repeats` timed calls of a jitted function, after one compile call."""
+    import jax
+
+    jax.block_until_ready(call(0))
+    timings = []
+    for repeat in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(call(1 + repeat))
+        timings.append(time.perf_counter() - start)
+    return min(timings)
+
+
+def our_learner_seconds_per_env_step(name, num_envs):
+    """The learner's compute per env step, alone and single-threaded as in the timed runs: SAC-Lag's train_round
+    (0.2 updates per env step), PPO-Lag's train_iteration on one rollout of the timed runs' size (4 passes, batch
+    256). CVPO's comes from the learner table (K = 16, newton solver)."""
+    sys.path.insert(0, REPO_ROOT)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    obs_dim, action_dim = 60, 2  # SafetyPointGoal1-v0
+    rng = np.random.default_rng(0)
+    if name == "SAC-Lag":
+        import sac_lagrangian_jax as sac
+
+        args = sac.Args(hidden_sizes=(128, 128))
+        actor, critic = sac.Actor(action_dim, args.hidden_sizes), sac.CriticEnsemble(args.hidden_sizes)
+        init_state, _, train_round = sac.make_train_functions(args, actor, critic, jnp.ones(action_dim),
+                                                              jnp.zeros(action_dim), action_dim)
+        state, updates = init_state(jax.random.PRNGKey(0), obs_dim), 200
+        batches = random_batches(rng, (updates, args.batch_size), obs_dim, action_dim)
+        seconds = best_seconds(lambda seed: train_round(state, batches, jax.random.PRNGKey(seed)))
+        return seconds / updates * args.updates_per_step
+    import ppo_lagrangian_jax as ppo
+
+    rollout_per_env = PPO_EPISODES_PER_COLLECT * EPISODE_LENGTH // num_envs
+    args = ppo.Args(num_envs=num_envs, num_steps=rollout_per_env, update_epochs=4,
+                    minibatch_size=256, target_kl=1e9)  # every pass runs, as FSRL's repeat
+    train_iteration, init_state = ppo.make_train_iteration(args, ppo.Actor(action_dim, args.hidden_sizes),
+                                                           ppo.ValueNetwork(args.hidden_sizes))
+    state, shape = init_state(jax.random.PRNGKey(0), obs_dim), (rollout_per_env, num_envs)
+    rollout = {name: rng.standard_normal(shape).astype(np.float32) for name in
+               ["logprobs", "values_reward", "values_cost", "rewards", "costs", "final_values_reward",
+                "final_values_cost"]}
+    rollout |= {"obs": rng.standard_normal((*shape, obs_dim)).astype(np.float32),
+                "actions": rng.standard_normal((*shape, action_dim)).astype(np.float32),
+                "terminations": np.zeros(shape, np.float32), "truncations": np.zeros(shape, np.float32),
+                "last_values_reward": rng.standard_normal(num_envs).astype(np.float32),
+                "last_values_cost": rng.standard_normal(num_envs).astype(np.float32)}
+    seconds = best_seconds(lambda seed: train_iteration(state, rollout, args.actor_lr, jax.random.PRNGKey(seed)))
+    return seconds / (rollout_per_env * num_envs)
+
+
+def our_env_cpu_seconds_per_step(task, steps):
+    """CPU seconds of one env step on its own (one in-process env, random actions, resets included)."""
+    import numpy as np
+
+    sys.path.insert(0, REPO_ROOT)
+    import cvpo_jax
+
+    env = cvpo_jax.make_env(task, 1)()
+    rng = np.random.default_rng(1)
+    low, high = env.action_space.low, env.action_space.high
+    env.reset(seed=1)
+    start = time.process_time()
+    for _ in range(steps):
+        _, _, terminated, truncated, _ = env.step(rng.uniform(low, high))
+        if terminated or truncated:
+            env.reset()
+    seconds = time.process_time() - start
+    env.close()
+    return seconds / steps
 
 
 def machine_description():
@@ -269,24 +352,37 @@ def write_report(path, command, machine, results):
     lines += ["", "Each vector env was measured before and after the training runs; the table keeps the faster reading ("
               + "; ".join(f"{side}: {', '.join(f'{x:,.0f}' for x in values)}" for side, values in readings if values)
               + " env steps/s)."]
+    cores, t_env = machine["cores"], results["env_cpu_seconds_per_step"]
+    ours_t_learn = dict(results["ours_learner_seconds_per_step"])
+    if "16" in learner.get("ours_newton", {}):
+        ours_t_learn["CVPO"] = learner["ours_newton"]["16"]["ms"] / 1000 * UPDATES_PER_STEP
     lines += ["", "## Training throughput (env steps/s, updates included, after warm-up)", "",
-              "| algorithm | ours | FSRL | ours / FSRL | ours / env limit | timed env steps (ours, FSRL) |",
-              "| --- | ---: | ---: | ---: | ---: | ---: |"]
+              f"CPU-work ceiling: {cores} cores cannot step faster than {cores} / (t_env + t_learn) env steps/s, "
+              f"with t_env = {t_env * 1000:.3f} ms the CPU time of one env step alone (one in-process env, random "
+              "actions) and t_learn the learner's time per env step alone (ours: the jitted update on random data "
+              "of the timed runs' shapes; FSRL: the time its training loop spends in the update calls). The "
+              "fraction of the ceiling a run reaches is what its loop loses to waiting, copying and Python.", "",
+              "| algorithm | ours | FSRL | ours / FSRL | ours / env limit | t_learn ms (ours, FSRL) | "
+              "ceiling (ours, FSRL) | fraction of ceiling (ours, FSRL) | timed env steps (ours, FSRL) |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name in OUR_SCRIPTS:
         ours, fsrl = train.get(("ours", name)), train.get(("fsrl", name))
         our_sps = ours["steps_per_second"] if ours else None
         fsrl_sps = fsrl["steps_per_second"] if fsrl else None
         ratio = f"{our_sps / fsrl_sps:.2f}" if our_sps and fsrl_sps else "n/a"
         limit = f"{our_sps / env['steps_per_second']:.2f}" if our_sps else "n/a"
+        learn = [ours_t_learn.get(name) if ours else None, fsrl.get("learner_seconds_per_step") if fsrl else None]
+        ceiling = [cores / (t_env + t) if t is not None else None for t in learn]
+        fraction = [sps / c if sps and c else None for sps, c in zip([our_sps, fsrl_sps], ceiling)]
         counts = f"{fmt(ours and ours['steps'])}, {fmt(fsrl and fsrl['steps'])}"
-        lines.append(f"| {name} | {fmt(our_sps)} | {fmt(fsrl_sps)} | {ratio} | {limit} | {counts} |")
+        lines.append(f"| {name} | {fmt(our_sps)} | {fmt(fsrl_sps)} | {ratio} | {limit} | "
+                     f"{', '.join(fmt(t and t * 1000, 3) for t in learn)} | {', '.join(fmt(c) for c in ceiling)} | "
+                     f"{', '.join(fmt(f, 2) for f in fraction)} | {counts} |")
     lines += [""]
     for (side, name), row in sorted((k, v) for k, v in train.items() if isinstance(k, tuple)):
         if side == "ours":
             extra = (f"; mean E-step solver iterations {row['estep_solver_iterations']:.2f}"
                      if "estep_solver_iterations" in row else "")
-            if "updates_per_second_in_rounds" in row:
-                extra += f"; {row['updates_per_second_in_rounds']:,.0f} gradient updates/s inside its update rounds"
             lines.append(f"- ours, {name}: `{row['command']}`, timed from step {row['from_step']:,} to "
                          f"{row['to_step']:,}{extra}{'; ' + row['note'] if 'note' in row else ''}")
         else:
@@ -405,6 +501,10 @@ def main(argv=None):
         results["fsrl_env_readings"] = [results["fsrl_env"]["steps_per_second"], again["steps_per_second"]]
         results["fsrl_env"] = max(results["fsrl_env"], again, key=lambda row: row["steps_per_second"])
 
+    log("CPU work per env step: the env alone, each learner alone")
+    results["env_cpu_seconds_per_step"] = our_env_cpu_seconds_per_step(args.task, 500 if args.smoke else 5000)
+    results["ours_learner_seconds_per_step"] = {name: our_learner_seconds_per_env_step(name, args.num_envs)
+                                                for name in args.algorithms if name != "CVPO"}
     log("CVPO learner")
     results["learner"]["ours_newton"] = our_learner_ms(args.ks, 256, args.learner_updates, "newton")
     results["learner"]["ours_fsrl"] = our_learner_ms(args.ks, 256, args.learner_updates, "fsrl")
