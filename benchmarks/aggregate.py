@@ -89,6 +89,8 @@ def load_runs(results_dir):
         limits = [r["charts/cost_limit"] for r in records if "charts/cost_limit" in r]
         runs.append({"key": key, "algorithm": match[1], "task": match[2], "seed": int(match[3]),
                      "rounds": [r for r in records if "estep/kl_q_pi_old" in r], "command": info.get("command", []),
+                     "cost_q": [(r["global_step"], r["charts/q_cost"]) for r in records if "charts/q_cost" in r],
+                     "episode_lengths": [r["charts/episodic_length"] for r in records if "charts/episodic_length" in r],
                      "episodes": np.array(episodes, dtype=float).reshape(-1, 3),
                      "last_eval": evals[-1] if evals else None,
                      "steps": max((r["global_step"] for r in records), default=0),
@@ -143,6 +145,33 @@ def cvpo_bounds_table(runs):
                      f"{largest('estep/kkt_residual_max'):.1e} | "
                      f"{np.mean([r['estep/infeasible'] for r in rounds]):.0%} | "
                      f"{'n/a' if bias is None else f'{bias:.2f}'} |")
+    return lines + [""] if len(lines) > 6 else []
+
+
+def sac_cost_critic_table(runs, max_cost_per_step=1.0):
+    """Per SAC-Lag run: the round-mean cost Q (the actor's actions at replay states) against zero, against its
+    largest possible value max_cost / (1 - gamma), and over the second half against the discounted cost of the
+    training data (training cost per step / (1 - gamma))."""
+    lines = ["## SAC-Lag: the cost critic against the cost the policy incurs", "",
+             "Per run: the smallest and largest round mean of `charts/q_cost` (the max of the twin cost critics at "
+             f"the actor's actions on replay states) over the whole run, against 0 and the largest possible value "
+             f"{max_cost_per_step:g} / (1 - gamma) (Safety-Gymnasium costs are 0 or 1 per step); and over the second "
+             "half, its mean against the discounted cost of the training episodes (cost per step / (1 - gamma)).", "",
+             "| run | rounds | smallest Q_c | largest Q_c | upper bound | Q_c (2nd half) | data's discounted cost "
+             "(2nd half) | ratio |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for run in runs:
+        if run["algorithm"] != "sac_lagrangian" or not run["cost_q"]:
+            continue
+        command = run["command"]
+        gamma = float(command[command.index("--gamma") + 1]) if "--gamma" in command else 0.995  # the default
+        cost_q = np.array(run["cost_q"])
+        episodes = run["episodes"][run["episodes"][:, 0] >= run["steps"] / 2]
+        second_half_q = cost_q[cost_q[:, 0] >= run["steps"] / 2, 1].mean()
+        data_cost = episodes[:, 2].mean() / np.mean(run["episode_lengths"]) / (1 - gamma)
+        lines.append(f"| {run['key']} | {len(cost_q)} | {cost_q[:, 1].min():.2f} | {cost_q[:, 1].max():.1f} | "
+                     f"{max_cost_per_step / (1 - gamma):.0f} | {second_half_q:.2f} | {data_cost:.2f} | "
+                     f"{second_half_q / data_cost:.2f} |")
     return lines + [""] if len(lines) > 6 else []
 
 
@@ -245,6 +274,7 @@ def main(argv=None):
         plot_task(task, mine, os.path.join(args.results_dir, plot_name), args.grid_points, cost_limit)
         lines += ["", f"![{task}]({plot_name})", ""]
     lines += cvpo_bounds_table(runs)
+    lines += sac_cost_critic_table(runs)
     lines += ["## Published reference figures", "",
               "Not comparable one to one: different budgets (ours above are far smaller), implementations and "
               "evaluation protocols. Returns and costs are episodic (1000-step episodes; Circle tasks 500).", "",

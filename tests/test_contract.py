@@ -148,6 +148,23 @@ def test_resumed_run_matches_an_uninterrupted_one(script, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("script", [script for script in SCRIPTS if script != "ppo_lagrangian_jax.py"])
+def test_resume_ends_the_interrupted_episodes_in_the_replay_buffer(script, tmp_path):
+    """A run stopped 5 steps into a toy episode (20 steps): the resumed envs start new episodes, so its newest
+    buffer row must become an episode end, or n-step targets would run on into the next episode."""
+    run_script(script, *toy_flags(script, "--total-timesteps", 1210, "--save-model"), cwd=tmp_path)
+    checkpoint = only_run_dir(tmp_path) / "checkpoints" / "checkpoint.pkl"
+    with open(checkpoint, "rb") as file:
+        saved = pickle.load(file)
+    newest_row = saved["buffer_position"] - 1
+    assert not saved["buffer"]["episode_ended"][newest_row].any()
+    run_script(script, "--resume", checkpoint, "--total-timesteps", 1400, "--save-model", cwd=tmp_path)
+    with open(checkpoint, "rb") as file:
+        resumed = pickle.load(file)
+    assert resumed["buffer"]["episode_ended"][newest_row].all()
+    assert not resumed["buffer"]["episode_ended"][newest_row - 1].any()
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_progress_lines_when_stdout_is_not_a_terminal(script, tmp_path):
     result = run_script(script, *toy_flags(script, "--total-timesteps", 1200, "--progress-every", 0.2), cwd=tmp_path)
