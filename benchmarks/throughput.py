@@ -172,7 +172,8 @@ def our_training_throughput(name, script, task, num_envs, warmup_steps, steps, l
 
 
 def our_learner_ms(ks, batch_size, updates, solver):
-    """Milliseconds per update of cvpo_jax's jitted train_round (critics, E-step, M-step), after compiling."""
+    """Milliseconds per update of cvpo_jax's jitted train_round (critics, E-step, M-step), after compiling; with the
+    newton solver also where the update's time goes: each part scanned alone over the same batches."""
     sys.path.insert(0, REPO_ROOT)
     import cvpo_jax
     import jax
@@ -189,21 +190,32 @@ def our_learner_ms(ks, batch_size, updates, solver):
         eps_cost = cvpo_jax.cost_threshold(args.cost_limit, args.gamma, 1000)
         low, high = -np.ones(action_dim, np.float32), np.ones(action_dim, np.float32)
         cvpo = cvpo_jax.make_train_round(args, actor, critic, low, high, eps_cost)
-        train_round, state = cvpo.train_round, cvpo.init_state(jax.random.PRNGKey(0), obs_dim, action_dim)
-        shape = (updates, batch_size)
-        batches = {"obs": rng.standard_normal((*shape, obs_dim)).astype(np.float32),
-                   "actions": rng.uniform(-1, 1, (*shape, action_dim)).astype(np.float32),
-                   "reward_return": rng.standard_normal(shape).astype(np.float32) * 0.1,
-                   "cost_return": (rng.random(shape) < 0.05).astype(np.float32),
-                   "bootstrap_obs": rng.standard_normal((*shape, obs_dim)).astype(np.float32),
-                   "bootstrap_discount": np.full(shape, 0.995**3, np.float32)}
-        state, metrics = jax.block_until_ready(train_round(state, batches, jax.random.PRNGKey(1)))  # compile
-        timings = []
-        for repeat in range(5):
-            start = time.perf_counter()
-            state, metrics = jax.block_until_ready(train_round(state, batches, jax.random.PRNGKey(2 + repeat)))
-            timings.append((time.perf_counter() - start) / updates * 1000)
-        results[str(k)] = {"ms": min(timings), "solver_iterations": float(metrics.get("estep/solver_iterations", 1))}
+        state = cvpo.init_state(jax.random.PRNGKey(0), obs_dim, action_dim)
+        batches = random_batches(rng, (updates, batch_size), obs_dim, action_dim)
+        state, metrics = jax.block_until_ready(cvpo.train_round(state, batches, jax.random.PRNGKey(1)))
+        ms = lambda call: best_seconds(call) / updates * 1000
+        results[str(k)] = {"ms": ms(lambda seed: cvpo.train_round(state, batches, jax.random.PRNGKey(seed))),
+                           "solver_iterations": float(metrics.get("estep/solver_iterations", 1))}
+        if solver != "newton":
+            continue
+
+        def scanned(part):
+            @jax.jit
+            def run(state, key):
+                body = lambda state, inputs: (part(state, *inputs), None)
+                return jax.lax.scan(body, state, (batches, jax.random.split(key, updates)))[0]
+            return lambda seed: run(state, jax.random.PRNGKey(seed))
+
+        def q_values_only(state, batch, key):
+            sampled = jax.random.normal(key, (batch_size, k, action_dim))
+            q_values = critic.apply(state.critic.params, batch["obs"][:, None], sampled)
+            return state.replace(duals=state.duals + q_values.mean())  # keeps the scan from dropping the work
+
+        results[str(k)]["parts"] = {
+            "critics": ms(scanned(lambda state, batch, key: cvpo.update_critics(state, batch, key)[0])),
+            "E-step Q values": ms(scanned(q_values_only)),
+            "E-step": ms(scanned(lambda state, batch, key: cvpo.estep(state, batch["obs"], key)[0])),
+        }
     return results
 
 
@@ -413,6 +425,21 @@ def write_report(path, command, machine, results):
               "iterations in the timed call). FSRL: `policy.learn(batch)` on batches prepared by its `process_fn` "
               f"from a 20,000-transition tianshou buffer, {results['fsrl_updates']} timed calls after 5 warm-up calls, "
               f"{results['threads']} compute thread(s) per learner on both sides (`--threads`).", ""]
+    profiled = [k for k in results["ks"] if "parts" in learner["ours_newton"].get(str(k), {})]
+    if profiled:
+        lines += ["## Where our CVPO update spends its time (newton solver)", "",
+                  "Each part scanned alone over the same batches (ms per update); the M-step is the round's time "
+                  "minus the critics' and the E-step's. The E-step's Q values are the critics on B x K (state, "
+                  "action) pairs, whose matrix products fix the floor of the update's cost.", "",
+                  "| K | whole update | critics | E-step | of which Q values | E-step solver and weights | M-step |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for k in profiled:
+            row = learner["ours_newton"][str(k)]
+            parts = row["parts"]
+            lines.append(f"| {k} | {row['ms']:.2f} | {parts['critics']:.2f} | {parts['E-step']:.2f} | "
+                         f"{parts['E-step Q values']:.2f} | {parts['E-step'] - parts['E-step Q values']:.2f} | "
+                         f"{row['ms'] - parts['critics'] - parts['E-step']:.2f} |")
+        lines.append("")
     with open(path, "w") as file:
         file.write("\n".join(lines))
 
