@@ -95,7 +95,7 @@ class Args:
     eval_episodes: int = 10
     """episodes per evaluation"""
     env_id: str = "SafetyPointGoal1-v0"
-    """a Safety-Gymnasium task id, or a Gymnasium id (also `module:Env-v0`) that reports info["cost"]"""
+    """a Safety-Gymnasium or Bullet-Safety-Gym id, or a Gymnasium id (also `module:Env-v0`) that reports info["cost"]"""
     total_timesteps: int = 1_000_000
     """env steps summed over all envs"""
     num_envs: int = 4
@@ -177,6 +177,24 @@ def is_safety_gymnasium_id(env_id):
     return env_id in safety_gymnasium.utils.registration.safe_registry
 
 
+def register_bullet_safety_gym():
+    """Importing bullet_safety_gym registers the paper's own tasks with gymnasium; pybullet loads with the first env."""
+    try:
+        import bullet_safety_gym  # noqa: F401
+    except ImportError as error:
+        fail(f"{error.name} is missing; install the pinned stack with: pip install --no-deps -r requirements.txt")
+
+
+def is_bullet_safety_gym_id(env_id):
+    """Whether bullet_safety_gym registers the id; its ids have no level digit: SafetyCarCircle-v0 (Safety-Gymnasium's:
+    SafetyCarCircle1-v0)."""
+    env_id = env_id.split(":")[-1]
+    if env_id not in gym.envs.registry:  # only ids that nothing else registers pay for the import
+        register_bullet_safety_gym()
+    spec = gym.envs.registry.get(env_id)
+    return spec is not None and str(spec.entry_point).startswith("bullet_safety_gym")
+
+
 def check_env_id(env_id):
     if ":" in env_id:
         module = env_id.split(":")[0]
@@ -185,7 +203,8 @@ def check_env_id(env_id):
         except ImportError as error:
             fail(f"cannot import module {module!r} of env id {env_id!r}: {error}")
         env_id = env_id.split(":", 1)[1]
-    if env_id not in gym.envs.registry:
+    if env_id not in gym.envs.registry and not is_bullet_safety_gym_id(env_id):
+        # is_bullet_safety_gym_id has registered the Bullet ids, so they are suggested too.
         close = difflib.get_close_matches(env_id, list(gym.envs.registry), n=3, cutoff=0.6)
         fail(f"unknown env id {env_id!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
 
@@ -226,8 +245,50 @@ def validate_args(args):
     check_env_id(args.env_id)
 
 
+class BulletSafetyGymEnv(gym.Wrapper):
+    """A Bullet-Safety-Gym env with gymnasium's seeding and rendering.
+
+    Its reset ignores the seed and draws the start (and in Reach and Push each new goal) from numpy's global generator.
+    Here each env draws from its own generator instead, seeded by reset(seed=...) and made the global one while the
+    env draws, so a seed repeats an env's episodes even when several envs share a process (SyncVectorEnv). Its render
+    takes the mode as an argument rather than from render_mode.
+    """
+
+    def __init__(self, env, render_mode=None):
+        super().__init__(env)
+        env.unwrapped.render_mode = render_mode
+        self.random_state = np.random.RandomState()
+        self.draws_during_steps = env.unwrapped.task.continue_after_goal_achievement  # a new goal once one is reached
+
+    @contextlib.contextmanager
+    def own_global_random_state(self):
+        outside = np.random.get_state()
+        np.random.set_state(self.random_state.get_state())
+        try:
+            yield
+        finally:
+            self.random_state.set_state(np.random.get_state())
+            np.random.set_state(outside)
+
+    def reset(self, *, seed=None, options=None):
+        if seed is not None:
+            self.random_state = np.random.RandomState(seed)
+        with self.own_global_random_state():
+            return self.env.reset(seed=seed, options=options)
+
+    def step(self, action):
+        if not self.draws_during_steps:  # swapping the generator costs about as much as a BallCircle step
+            return self.env.step(action)
+        with self.own_global_random_state():
+            return self.env.step(action)
+
+    def render(self):
+        return self.env.unwrapped.render(mode="rgb_array")
+
+
 def make_env(env_id, seed, render_mode=None):
     is_safety_task = is_safety_gymnasium_id(env_id)
+    is_bullet_task = is_bullet_safety_gym_id(env_id)
 
     def thunk():
         if is_safety_task:
@@ -237,6 +298,13 @@ def make_env(env_id, seed, render_mode=None):
             camera = {"camera_name": "track"} if render_mode and "Velocity" not in env_id else {}
             env = safety_gym.make(env_id, render_mode=render_mode, **camera)
             env = safety_gym.wrappers.SafetyGymnasium2Gymnasium(env)
+        elif is_bullet_task:
+            register_bullet_safety_gym()  # in a spawned env worker too
+            # Building it silences pybullet by redirecting the file descriptors behind sys.stdout and sys.stderr,
+            # which must be the process's own streams, not stand-ins such as pytest's.
+            with contextlib.redirect_stdout(sys.__stdout__), contextlib.redirect_stderr(sys.__stderr__):
+                env = gym.make(env_id)
+            env = BulletSafetyGymEnv(env, render_mode)
         else:
             env = gym.make(env_id, render_mode=render_mode)
         env.action_space.seed(seed)

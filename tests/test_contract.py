@@ -39,6 +39,7 @@ def toy_flags(script, *extra, env_id=TOY_ENV):
 BAD_INPUTS = [
     (["--env-id", "SafetyPointGoal9-v0"], r"unknown env id 'SafetyPointGoal9-v0'; did you mean .*SafetyPointGoal1-v0"),
     (["--env-id", "SafetyPointGoal1"], r"unknown env id 'SafetyPointGoal1'; did you mean"),
+    (["--env-id", "SafetyCarCircl-v0"], r"unknown env id 'SafetyCarCircl-v0'; did you mean SafetyCarCircle-v0,"),
     (["--num-envs", 0], r"--num-envs must be positive, got 0"),
     (["--num-envs", -2], r"--num-envs must be positive, got -2"),
     (["--total-timesteps", 0], r"--total-timesteps must be positive, got 0"),
