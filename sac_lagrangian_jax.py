@@ -660,12 +660,12 @@ def main(args):
     action_low, action_high = probe_env.action_space.low, probe_env.action_space.high
     if not (np.all(np.isfinite(action_low)) and np.all(np.isfinite(action_high))):
         fail("SAC-Lagrangian squashes actions into the action bounds, which must be finite")
-    action_scale = jnp.asarray((action_high - action_low) / 2, jnp.float32)
-    action_bias = jnp.asarray((action_high + action_low) / 2, jnp.float32)
     probe_env.close()
     if not args.eval_checkpoint:  # forked env workers must start before JAX starts its threads
         envs_class = gym.vector.AsyncVectorEnv if args.async_envs and args.num_envs > 1 else gym.vector.SyncVectorEnv
         envs = envs_class([make_env(args.env_id, args.seed + i) for i in range(args.num_envs)])
+    action_scale = jnp.asarray((action_high - action_low) / 2, jnp.float32)
+    action_bias = jnp.asarray((action_high + action_low) / 2, jnp.float32)
     eval_render_mode = "rgb_array" if args.capture_video else None
 
     def eval_env_thunk(name):
