@@ -137,8 +137,8 @@ def cvpo_bounds_table(runs):
                  for flag, value in CVPO_BOUNDS.items()}
         largest = lambda name: max(r[name] for r in rounds if name in r)
         second_half = [r for r in rounds if r["global_step"] >= run["steps"] / 2 and "bias/mc_cost_recent" in r]
-        bias = (np.mean([r["bias/q_cost_recent"] for r in second_half]) /
-                np.mean([r["bias/mc_cost_recent"] for r in second_half])) if second_half else None
+        mc_cost = np.mean([r["bias/mc_cost_recent"] for r in second_half]) if second_half else 0.0
+        bias = np.mean([r["bias/q_cost_recent"] for r in second_half]) / mc_cost if mc_cost > 0 else None
         lines.append(f"| {run['key']} | {len(rounds)} | {largest('estep/kl_q_pi_old_max') / bound['--estep-kl']:.3f} | "
                      f"{largest('mstep/kl_mu_max') / bound['--mstep-kl-mu']:.2f} | "
                      f"{largest('mstep/kl_sigma_max') / bound['--mstep-kl-sigma']:.2f} | "
