@@ -122,8 +122,8 @@ class Args:
     """gradient updates per env step"""
     update_interval: Optional[int] = None
     """env steps per round of updates, after which pi_old is refreshed (computed at run time: 10 episodes, as FSRL)"""
-    overlap_learning: bool = True
-    """learn a round while the envs collect the next with the last finished actor (acting lags one round)"""
+    overlap_learning: bool = False
+    """learn each round while the envs collect the next with the last finished actor (acting lags one round)"""
     hidden_sizes: tuple[int, ...] = (128, 128)
     """hidden layers of the actor and of each critic"""
     double_critic: bool = False

@@ -123,8 +123,8 @@ class Args:
     """gradient updates per env step"""
     update_interval: int = 2_000
     """env steps per round; a round updates the multiplier, then runs its gradient updates in one jitted scan"""
-    overlap_learning: bool = True
-    """learn a round while the envs collect the next with the last finished actor (acting lags one round)"""
+    overlap_learning: bool = False
+    """learn each round while the envs collect the next with the last finished actor (acting lags one round)"""
     hidden_sizes: tuple[int, ...] = (128, 128)
     """hidden layers of the actor and of each critic"""
     actor_lr: float = 5e-4
