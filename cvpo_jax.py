@@ -122,6 +122,8 @@ class Args:
     """gradient updates per env step"""
     update_interval: Optional[int] = None
     """env steps per round of updates, after which pi_old is refreshed (computed at run time: 10 episodes, as FSRL)"""
+    policy_state_window: Optional[int] = None
+    """the E-step and M-step take their states from this many newest env steps (computed at run time: one round)"""
     overlap_learning: bool = False
     """learn each round while the envs collect the next with the last finished actor (acting lags one round)"""
     hidden_sizes: tuple[int, ...] = (128, 128)
@@ -217,11 +219,10 @@ def validate_args(args):
     if args.cost_limit < 0:
         fail(f"--cost-limit must be non-negative, got {args.cost_limit}")
     flag = lambda name: "--" + name.replace("_", "-")
-    for name in ("batch_size", "buffer_size", "n_step", "update_interval", "updates_per_step", "num_sampled_actions",
-                 "critic_lr", "actor_lr", "estep_kl", "estep_dual_lr", "estep_max_iterations", "estep_dual_min",
-                 "estep_dual_max",
-                 "mstep_kl_mu", "mstep_kl_sigma", "mstep_dual_lr", "mstep_dual_min", "eval_episodes",
-                 "checkpoint_every"):
+    for name in ("batch_size", "buffer_size", "n_step", "update_interval", "policy_state_window", "updates_per_step",
+                 "num_sampled_actions", "critic_lr", "actor_lr", "estep_kl", "estep_dual_lr", "estep_max_iterations",
+                 "estep_dual_min", "estep_dual_max", "mstep_kl_mu", "mstep_kl_sigma", "mstep_dual_lr", "mstep_dual_min",
+                 "eval_episodes", "checkpoint_every"):
         if getattr(args, name) is not None and not getattr(args, name) > 0:
             fail(f"{flag(name)} must be positive, got {getattr(args, name)}")
     for name in ("learning_starts", "eval_every", "estep_tolerance", "progress_every", "mstep_kl_std_floor"):
@@ -237,6 +238,8 @@ def validate_args(args):
         fail(f"need 0 < --mstep-dual-min < --mstep-dual-max, got {args.mstep_dual_min}, {args.mstep_dual_max}")
     if not args.hidden_sizes or min(args.hidden_sizes) <= 0:
         fail(f"--hidden-sizes must be one or more positive layer widths, got {args.hidden_sizes}")
+    if args.policy_state_window is not None and args.policy_state_window > args.buffer_size:
+        fail(f"--policy-state-window must be at most --buffer-size ({args.buffer_size}), got {args.policy_state_window}")
     if args.episode_length is not None and args.episode_length <= 0:
         fail(f"--episode-length must be positive, got {args.episode_length}")
     for path in (args.resume, args.eval_checkpoint):
@@ -411,6 +414,11 @@ class ReplayBuffer:
         if self.size():
             self.data["episode_ended"][(self.position - 1) % self.rows] = True
 
+    def sample_recent_obs(self, rng, shape, rows):
+        """Observations drawn uniformly from the newest `rows` rows (at most the whole buffer), all envs."""
+        age = rng.integers(1, min(rows, self.size()) + 1, shape)
+        return self.data["obs"][(self.position - age) % self.rows, rng.integers(0, self.num_envs, shape)]
+
     def sample_n_step(self, rng, shape, n_step, gamma):
         """n-step returns of reward and cost; a terminal cuts the bootstrap, a truncation keeps it.
 
@@ -461,14 +469,18 @@ def discounted_cost_to_go(costs, episode_ended, terminated, gamma):
     return values
 
 
-def cost_critic_bias(rows, gamma, cost_q):
-    """The cost critic at the states and actions of the newest buffer rows against their Monte Carlo cost-to-go."""
-    cost_to_go = discounted_cost_to_go(rows["costs"], rows["episode_ended"], rows["terminated"], gamma)
+def cost_critic_bias(buffer, rows, gamma, cost_q):
+    """The cost critic at the states and actions of the newest `rows` buffer rows against their Monte Carlo
+    cost-to-go, and at as many rows spread evenly over the whole buffer (the states that old data covers)."""
+    recent = buffer.latest(rows)
+    cost_to_go = discounted_cost_to_go(recent["costs"], recent["episode_ended"], recent["terminated"], gamma)
     known = np.isfinite(cost_to_go)
     if not known.any():
         return {}
-    q_cost = np.asarray(cost_q(rows["obs"], rows["actions"]))
-    return {"bias/q_cost_recent": float(q_cost[known].mean()), "bias/mc_cost_recent": float(cost_to_go[known].mean())}
+    spread = np.linspace(0, buffer.size() - 1, len(recent["obs"])).astype(int)
+    q_cost = np.asarray(cost_q(recent["obs"], recent["actions"]))
+    return {"bias/q_cost_recent": float(q_cost[known].mean()), "bias/mc_cost_recent": float(cost_to_go[known].mean()),
+            "bias/q_cost_replay": float(np.mean(cost_q(buffer.data["obs"][spread], buffer.data["actions"][spread])))}
 
 
 LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
@@ -812,14 +824,16 @@ def make_train_round(args, actor, critic, action_low, action_high, eps_cost):
 
     @jax.jit
     def train_round(state, batches, key):
-        """One round: critic, E-step and M-step updates scanned over the batches; then pi_old <- actor."""
+        """One round: critic, E-step and M-step updates scanned over the batches; then pi_old <- actor.
+
+        The critics learn on the batches' transitions, the E-step and M-step on their policy_obs."""
 
         def one_update(state, inputs):
             batch, update_key = inputs
             critic_key, estep_key = jax.random.split(update_key)
             state, critic_metrics = update_critics(state, batch, critic_key)
-            state, sampled, weights, estep_metrics = estep(state, batch["obs"], estep_key)
-            state, mstep_metrics = mstep(state, batch["obs"], sampled, weights)
+            state, sampled, weights, estep_metrics = estep(state, batch["policy_obs"], estep_key)
+            state, mstep_metrics = mstep(state, batch["policy_obs"], sampled, weights)
             return state, {**critic_metrics, **estep_metrics, **mstep_metrics}
 
         num_updates = batches["obs"].shape[0]
@@ -898,6 +912,8 @@ def main(args):
             fail(f"{args.env_id} has no max_episode_steps; pass --episode-length for the cost threshold")
     if args.update_interval is None:
         args.update_interval = 10 * args.episode_length
+    if args.policy_state_window is None:
+        args.policy_state_window = min(args.update_interval, args.buffer_size)
     probe_env.close()
     if not args.eval_checkpoint:  # forked env workers must start before JAX starts its threads
         envs_class = gym.vector.AsyncVectorEnv if args.async_envs and args.num_envs > 1 else gym.vector.SyncVectorEnv
@@ -962,12 +978,13 @@ def main(args):
 
     updates_per_round = max(1, round(args.update_interval * args.updates_per_step))
     rows_per_round = max(1, args.update_interval // args.num_envs)
+    policy_state_rows = max(1, args.policy_state_window // args.num_envs)
 
     def finish_round(round_in_flight):
         """Wait for a dispatched round, check and log its metrics, and return the state it produced."""
         state_before, state_after, metrics = round_in_flight
         metrics = jax.device_get(metrics)
-        metrics.update(cost_critic_bias(buffer.latest(rows_per_round), args.gamma,
+        metrics.update(cost_critic_bias(buffer, rows_per_round, args.gamma,
                                         lambda obs, actions: cost_q(state_after.critic.params, obs, actions)))
         not_finite = sorted((not name.startswith("losses/"), name) for name, value in metrics.items()
                             if not np.isfinite(value))  # a loss first: the others follow from it
@@ -1020,6 +1037,8 @@ def main(args):
                 logger.log({"charts/episodic_return": episode_returns[ended].mean(),
                             "charts/episodic_cost": episode_costs[ended].mean(),
                             "charts/episodic_length": episode_lengths[ended].mean(),
+                            "charts/episodes_ended": ended.sum(),
+                            "charts/cost_violation": np.maximum(episode_costs[ended] - args.cost_limit, 0.0).mean(),
                             "charts/cost_limit": args.cost_limit}, global_step)
                 recent["return"] = (recent["return"] + list(episode_returns[ended]))[-20:]
                 recent["cost"] = (recent["cost"] + list(episode_costs[ended]))[-20:]
@@ -1030,6 +1049,8 @@ def main(args):
                 if round_in_flight is not None:
                     state, round_in_flight = finish_round(round_in_flight), None
                 batches = buffer.sample_n_step(rng, (updates_per_round, args.batch_size), args.n_step, args.gamma)
+                batches["policy_obs"] = buffer.sample_recent_obs(rng, (updates_per_round, args.batch_size),
+                                                                 policy_state_rows)
                 key, round_key = jax.random.split(key)
                 # JAX dispatches the round and returns at once: with overlap it runs while the envs step
                 round_in_flight = (state, *updates.train_round(state, batches, round_key))

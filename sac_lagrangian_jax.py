@@ -774,6 +774,8 @@ def main(args):
                 logger.log({"charts/episodic_return": episode_returns[ended].mean(),
                             "charts/episodic_cost": episode_costs[ended].mean(),
                             "charts/episodic_length": episode_lengths[ended].mean(),
+                            "charts/episodes_ended": ended.sum(),
+                            "charts/cost_violation": np.maximum(episode_costs[ended] - args.cost_limit, 0.0).mean(),
                             "charts/cost_limit": args.cost_limit}, global_step)
                 costs_since_multiplier_step += list(episode_costs[ended])
                 recent["return"] = (recent["return"] + list(episode_returns[ended]))[-20:]

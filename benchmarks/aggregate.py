@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 from run_suite import read_metrics_records  # noqa: E402  (a sibling script: benchmarks/ is on sys.path)
 
 BENCHMARKS_DIR = os.path.dirname(os.path.abspath(__file__))
-NAMES = {"cvpo": "CVPO", "ppo_lagrangian": "PPO-Lag", "sac_lagrangian": "SAC-Lag"}
+NAMES = {"cvpo": "CVPO", "ppo_lagrangian": "PPO-Lag", "sac_lagrangian": "SAC-Lag", "fsrl_cvpo": "FSRL's CVPO"}
 
 # Published figures, each with its budget and source. Only numbers we could read or verify are listed.
 REFERENCES = [
@@ -87,6 +87,8 @@ def load_runs(results_dir):
                     if "charts/episodic_return" in r and "charts/episodic_cost" in r]
         evals = [r for r in records if "eval/episodic_return" in r]
         limits = [r["charts/cost_limit"] for r in records if "charts/cost_limit" in r]
+        violations = [r["charts/episodes_ended"] * r["charts/cost_violation"] for r in records
+                      if "charts/cost_violation" in r]
         runs.append({"key": key, "algorithm": match[1], "task": match[2], "seed": int(match[3]),
                      "rounds": [r for r in records if "estep/kl_q_pi_old" in r], "command": info.get("command", []),
                      "cost_q": [(r["global_step"], r["charts/q_cost"]) for r in records if "charts/q_cost" in r],
@@ -97,7 +99,9 @@ def load_runs(results_dir):
                      "total_timesteps": info.get("total_timesteps"),
                      "done": os.path.isfile(os.path.join(runs_dir, key, "DONE")),
                      "wall_minutes": wall_minutes(info),
-                     "cost_limit": limits[-1] if limits else None})
+                     "cost_limit": limits[-1] if limits else None,
+                     # logged since the runs of the reproduction presets; older runs have no per-episode violation
+                     "cumulative_violation": float(np.sum(violations)) if violations else None})
     return runs
 
 
@@ -110,6 +114,19 @@ def final_performance(run, fraction):
     if len(last) == 0:
         last = episodes[-1:]
     return float(last[:, 1].mean()), float(last[:, 2].mean())
+
+
+def steps_to_target(run, target_return, cost_limit, bins):
+    """Env steps after which the run's training episodes, averaged in `bins` equal bins of its steps, keep a return
+    of at least target_return at a cost at or below cost_limit in every later bin; None if they never do."""
+    grid = np.linspace(0, run["steps"], bins + 1)
+    returns, costs = binned_curve(run["episodes"], grid, 1), binned_curve(run["episodes"], grid, 2)
+    meets = (returns >= target_return) & (costs <= cost_limit)
+    if not meets[-1]:
+        return None
+    failing = np.flatnonzero(~meets)
+    first = failing[-1] + 1 if len(failing) else 0
+    return float(grid[first + 1])  # the end of the first bin of the streak
 
 
 CVPO_BOUNDS = {"--estep-kl": 0.02, "--mstep-kl-mu": 0.005, "--mstep-kl-sigma": 0.0005}  # cvpo_jax.py's defaults
@@ -175,13 +192,21 @@ def sac_cost_critic_table(runs, max_cost_per_step=1.0):
     return lines + [""] if len(lines) > 6 else []
 
 
-def mean_std(values):
+def mean_std(values, digits=1):
     values = [v for v in values if v is not None]
     if not values:
         return "n/a"
     if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{np.mean(values):.1f} ± {np.std(values):.1f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
+
+
+def steps_label(steps, seeds):
+    """Mean env steps over the seeds that reached the target, with how many did."""
+    reached = [s for s in steps if s is not None]
+    if not reached:
+        return f"never (0/{seeds})"
+    return f"{np.mean(reached) / 1000:,.0f}k ({len(reached)}/{seeds})"
 
 
 def binned_curve(episodes, grid, column):
@@ -235,6 +260,11 @@ def main(argv=None):
     parser.add_argument("--final-fraction", type=float, default=0.1,
                         help="the final performance averages the training episodes in this last fraction of steps")
     parser.add_argument("--grid-points", type=int, default=50, help="bins on the env-step axis of the plots")
+    parser.add_argument("--target-bins", type=int, default=20,
+                        help="bins of each run's steps in which steps-to-target averages the training episodes")
+    parser.add_argument("--return-target", action="append", default=[], metavar="TASK=RETURN",
+                        help="the return that steps-to-target asks for on a task (default: half the best final "
+                             "return of any algorithm on it)")
     parser.add_argument("--title", default="Learning-quality suite", help="heading of learning.md")
     parser.add_argument("--regenerate", default="python benchmarks/run_suite.py --preset main",
                         help="the suite command that produced these runs, quoted in learning.md")
@@ -246,7 +276,13 @@ def main(argv=None):
              f"Final return and cost: mean over the training episodes in the last {args.final_fraction:.0%} of each "
              "run's env steps, then mean ± std over seeds. Eval: the last evaluation of the deterministic policy "
              "(mean ± std over seeds). Steps: env steps reached (min over seeds) of the budget. Minutes: wall-clock "
-             "per run (mean over seeds; runs shared a 2-core machine with other jobs).", ""]
+             "per run (mean over seeds; runs shared a 2-core machine with other jobs). Violation: the cumulative "
+             "constraint violation over training, the sum over training episodes of max(0, cost - limit) (n/a for "
+             "runs that did not log it per episode). Steps to target: the env steps after which the training "
+             f"episodes, averaged in {args.target_bins} equal bins of the run, keep at least the target return at a "
+             "cost at or below the limit in every later bin (mean over the seeds that got there, and how many "
+             "did).", ""]
+    targets = {task: float(value) for task, _, value in (item.partition("=") for item in args.return_target)}
     tasks = sorted({run["task"] for run in runs})
     if not runs:
         lines.append("No runs found.")
@@ -254,12 +290,20 @@ def main(argv=None):
         mine = [run for run in runs if run["task"] == task]
         limits = [run["cost_limit"] for run in mine if run["cost_limit"] is not None]
         cost_limit = limits[0] if limits else None
+        algorithms = sorted({run["algorithm"] for run in mine})
+        finals = {run["key"]: final_performance(run, args.final_fraction) for run in mine}
+        best_final = max((np.mean([finals[run["key"]][0] for run in mine if run["algorithm"] == algorithm
+                                   and finals[run["key"]][0] is not None] or [-np.inf]) for algorithm in algorithms))
+        target = targets.get(task, best_final / 2 if np.isfinite(best_final) and best_final > 0 else None)
+        reach = {run["key"]: steps_to_target(run, target, cost_limit, args.target_bins)
+                 if target is not None and cost_limit is not None and len(run["episodes"]) else None for run in mine}
         lines += [f"## {task}" + (f" (cost limit {cost_limit:g})" if cost_limit is not None else ""), "",
                   "| algorithm | seeds (finished) | final return | final cost | eval return | eval cost | "
-                  "env steps | minutes per run |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        for algorithm in sorted({run["algorithm"] for run in mine}):
+                  f"violation | steps to return {'n/a' if target is None else f'{target:.1f}'} | env steps | "
+                  "minutes per run |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        per_seed = []
+        for algorithm in algorithms:
             group = [run for run in mine if run["algorithm"] == algorithm]
-            finals = [final_performance(run, args.final_fraction) for run in group]
             evals = [run["last_eval"] for run in group if run["last_eval"]]
             budget = group[0]["total_timesteps"]
             steps = f"{min(run['steps'] for run in group):,}" + (f" / {budget:,}" if budget else "")
@@ -267,9 +311,26 @@ def main(argv=None):
             minutes = f"{np.mean(minutes):.0f}" if minutes else "n/a"
             lines.append(
                 f"| {NAMES.get(algorithm, algorithm)} | {len(group)} ({sum(run['done'] for run in group)}) | "
-                f"{mean_std([f[0] for f in finals])} | {mean_std([f[1] for f in finals])} | "
+                f"{mean_std([finals[run['key']][0] for run in group])} | "
+                f"{mean_std([finals[run['key']][1] for run in group])} | "
                 f"{mean_std([e['eval/episodic_return'] for e in evals])} | "
-                f"{mean_std([e['eval/episodic_cost'] for e in evals])} | {steps} | {minutes} |")
+                f"{mean_std([e['eval/episodic_cost'] for e in evals])} | "
+                f"{mean_std([run['cumulative_violation'] for run in group], 0)} | "
+                f"{steps_label([reach[run['key']] for run in group], len(group)) if target is not None else 'n/a'} | "
+                f"{steps} | {minutes} |")
+            for run in group:
+                final_return, final_cost = finals[run["key"]]
+                evaluation, reached = run["last_eval"] or {}, reach[run["key"]]
+                cell = lambda value, digits=1: "n/a" if value is None else f"{value:.{digits}f}"
+                per_seed.append(
+                    f"| {NAMES.get(algorithm, algorithm)} | {run['seed']} | {cell(final_return)} | {cell(final_cost)} | "
+                    f"{cell(evaluation.get('eval/episodic_return'))} | {cell(evaluation.get('eval/episodic_cost'))} | "
+                    f"{cell(run['cumulative_violation'], 0)} | "
+                    f"{'never' if reached is None else f'{reached / 1000:,.0f}k'} | "
+                    f"{run['steps']:,} |")
+        lines += ["", "Each seed:", "", "| algorithm | seed | final return | final cost | eval return | eval cost | "
+                  "violation | steps to target | env steps |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+                  *per_seed]
         plot_name = f"learning_{re.sub(r'[^A-Za-z0-9_.-]', '_', task)}.png"
         plot_task(task, mine, os.path.join(args.results_dir, plot_name), args.grid_points, cost_limit)
         lines += ["", f"![{task}]({plot_name})", ""]

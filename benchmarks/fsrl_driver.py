@@ -8,12 +8,20 @@ then updates), without its logging and testing, so that only collection and lear
     python fsrl_driver.py train --algo cvpo --num-envs 2 --steps 12000 --warmup-steps 2000
     python fsrl_driver.py learner --ks 16 32 64 128
 Each prints one JSON line (the last line of its output).
+
+    python fsrl_driver.py run --algo cvpo --env-id SafetyCarRun-v0 --seed 1 --total-timesteps 300000 --save-model
+trains FSRL's CVPO as one run of benchmarks/run_suite.py (its algorithm `fsrl_cvpo`): the same flags as our
+scripts, runs/<run_name>/metrics.jsonl in our metric names, checkpoints it resumes from (--resume), a checkpoint
+on Ctrl-C or SIGTERM.
 """
 
 import argparse
 import dataclasses
+import io
 import json
 import os
+import pickle
+import signal
 import sys
 import time
 import warnings
@@ -52,7 +60,7 @@ safety_gymnasium = import_safety_gymnasium()
 import gymnasium as gym  # noqa: E402
 import torch  # noqa: E402
 from tianshou.data import Batch, VectorReplayBuffer  # noqa: E402
-from tianshou.env import ShmemVectorEnv  # noqa: E402
+from tianshou.env import DummyVectorEnv, ShmemVectorEnv  # noqa: E402
 
 from fsrl.agent import CVPOAgent, PPOLagAgent, SACLagAgent  # noqa: E402
 from fsrl.data import FastCollector  # noqa: E402
@@ -67,8 +75,8 @@ def make_envs(task, num_envs, seed):
 def make_agent(algo, env, args):
     common = dict(cost_limit=args.cost_limit, device="cpu", thread=args.threads, seed=args.seed,
                   hidden_sizes=tuple(args.hidden_sizes))
-    if algo == "cvpo":  # FSRL's MuJoCo defaults, with our gamma and n_step
-        return CVPOAgent(env, **common, gamma=args.gamma, n_step=3, sample_act_num=args.num_sampled_actions)
+    if algo == "cvpo":  # FSRL's defaults, with our gamma and n_step
+        return CVPOAgent(env, **common, gamma=args.gamma, n_step=args.n_step, sample_act_num=args.num_sampled_actions)
     if algo == "sacl":
         return SACLagAgent(env, **common, gamma=args.gamma, n_step=3)
     if algo == "ppol":
@@ -186,9 +194,146 @@ def command_learner(args):
             "ms_per_update": results}
 
 
+class EpisodeRecorder(gym.Wrapper):
+    """Appends (return, cost, length) of every finished episode to a list shared by the in-process envs."""
+
+    def __init__(self, env, finished):
+        super().__init__(env)
+        self.finished = finished
+        self.totals = np.zeros(3)
+
+    def reset(self, **kwargs):
+        self.totals[:] = 0.0
+        return self.env.reset(**kwargs)
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.totals += (reward, info["cost"], 1)
+        if terminated or truncated:
+            self.finished.append(tuple(self.totals))
+        return obs, reward, terminated, truncated, info
+
+
+def policy_state(policy):
+    """The policy's networks, optimizers and dual variables (the policy object itself does not pickle)."""
+    state = {"modules": policy.state_dict()}
+    for name, value in vars(policy).items():
+        if isinstance(value, torch.optim.Optimizer):
+            state[name] = value.state_dict()
+        elif isinstance(value, torch.Tensor):
+            state[name] = value.detach().clone()
+    return state
+
+
+def load_policy_state(policy, state):
+    policy.load_state_dict(state["modules"])
+    for name, value in state.items():
+        current = getattr(policy, name, None)
+        if isinstance(current, torch.optim.Optimizer):
+            current.load_state_dict(value)
+        elif isinstance(current, torch.Tensor):
+            with torch.no_grad():
+                current.copy_(value)  # in place: the optimizers hold these tensors
+
+
+def command_run(args):
+    """FSRL's off-policy loop (collect whole episodes, then update_per_step x steps updates), logged per collect."""
+    if args.algo != "cvpo":
+        sys.exit("error: the run command trains FSRL's CVPO only")
+    if args.env_id not in gym.envs.registry:
+        import bullet_safety_gym  # noqa: F401  (registers the Bullet-Safety-Gym ids)
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    checkpoint = None
+    if args.resume:
+        with open(args.resume, "rb") as file:
+            checkpoint = pickle.load(file)
+        run_name = checkpoint["run_name"]
+    run_dir = os.path.join("runs", run_name)
+    os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+    np.random.seed(args.seed)  # Bullet-Safety-Gym draws its start states from numpy's global generator
+    agent = make_agent("cvpo", gym.make(args.env_id), args)
+    policy = agent.policy
+    finished = []
+    train_envs = DummyVectorEnv([lambda: EpisodeRecorder(gym.make(args.env_id), finished)
+                                 for _ in range(args.num_envs)])
+    eval_finished = []
+    eval_envs = DummyVectorEnv([lambda: EpisodeRecorder(gym.make(args.env_id), eval_finished)])
+    train_envs.seed([args.seed + i for i in range(args.num_envs)])
+    eval_envs.seed(args.seed + 10_000)
+    buffer = VectorReplayBuffer(args.buffer_size, args.num_envs)
+    global_step = 0
+    if checkpoint is not None:
+        payload = torch.load(io.BytesIO(checkpoint["payload"]), weights_only=False)
+        load_policy_state(policy, payload["policy"])
+        buffer, global_step = payload["buffer"], checkpoint["global_step"]
+        np.random.set_state(payload["numpy_random_state"])
+        torch.set_rng_state(payload["torch_random_state"])
+    collector = FastCollector(policy, train_envs, buffer, exploration_noise=True)
+    eval_collector = FastCollector(policy, eval_envs)
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    checkpoint_path = os.path.join(run_dir, "checkpoints", "checkpoint.pkl")
+
+    def log(record):
+        with open(metrics_path, "a") as file:
+            file.write(json.dumps({"global_step": int(global_step), **{k: float(v) for k, v in record.items()}}) + "\n")
+
+    def save():
+        payload = io.BytesIO()  # torch objects inside bytes, so that run_suite reads global_step without torch
+        torch.save({"policy": policy_state(policy), "buffer": buffer, "numpy_random_state": np.random.get_state(),
+                    "torch_random_state": torch.get_rng_state()}, payload)
+        with open(checkpoint_path + ".tmp", "wb") as file:
+            pickle.dump({"global_step": global_step, "run_name": run_name, "args": vars(args),
+                         "payload": payload.getvalue()}, file)
+        os.replace(checkpoint_path + ".tmp", checkpoint_path)
+        return checkpoint_path
+
+    def evaluate():
+        policy.eval()
+        eval_finished.clear()
+        eval_collector.reset()
+        eval_collector.collect(n_episode=args.eval_episodes)
+        policy.train()
+        returns, costs, _ = np.array(eval_finished[:args.eval_episodes]).T
+        log({"eval/episodic_return": returns.mean(), "eval/episodic_cost": costs.mean(),
+             "eval/penalized_return": returns.mean() - max(0.0, costs.mean() - args.cost_limit)})
+
+    # Ctrl-C and SIGTERM are acted on between collects, where the policy, the buffer and the step agree.
+    stop_signals = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda signum, frame: stop_signals.append(signum))
+    policy.train()
+    try:
+        while global_step < args.total_timesteps:
+            if stop_signals:
+                raise KeyboardInterrupt
+            stats = collector.collect(n_episode=args.episodes_per_collect)
+            previous_step, global_step = global_step, global_step + int(stats["n/st"])
+            returns, costs, lengths = np.array(finished).T
+            finished.clear()
+            log({"charts/episodic_return": returns.mean(), "charts/episodic_cost": costs.mean(),
+                 "charts/episodic_length": lengths.mean(), "charts/episodes_ended": len(costs),
+                 "charts/cost_violation": np.maximum(costs - args.cost_limit, 0.0).mean(),
+                 "charts/cost_limit": args.cost_limit})
+            policy.pre_update_fn(stats_train=stats, batch_size=args.batch_size, buffer=buffer,
+                                 update_per_step=args.update_per_step)
+            for _ in range(round(args.update_per_step * stats["n/st"])):
+                policy.update(args.batch_size, buffer)
+            policy.post_update_fn(stats_train=stats)
+            if args.eval_every and global_step // args.eval_every > previous_step // args.eval_every:
+                evaluate()
+            if args.save_model and global_step // args.checkpoint_every > previous_step // args.checkpoint_every:
+                save()
+    except KeyboardInterrupt:
+        sys.exit(f"interrupted at global step {global_step}; resume with --resume {save()}")
+    evaluate()
+    if args.save_model:
+        save()
+    return {"run_name": run_name, "global_step": global_step}
+
+
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("command", choices=["env", "train", "learner"])
+    parser.add_argument("command", choices=["env", "train", "learner", "run"])
     parser.add_argument("--task", default="SafetyPointGoal1Gymnasium-v0")
     parser.add_argument("--algo", default="cvpo", choices=["cvpo", "ppol", "sacl"])
     parser.add_argument("--num-envs", type=int, default=2)
@@ -209,9 +354,21 @@ def main():
     parser.add_argument("--ks", type=int, nargs="+", default=[16, 32, 64, 128])
     parser.add_argument("--updates", type=int, default=50)
     parser.add_argument("--warmup-updates", type=int, default=5)
+    parser.add_argument("--n-step", type=int, default=3)
+    # run: the flags benchmarks/run_suite.py passes to every script
+    parser.add_argument("--exp-name", default="fsrl_cvpo")
+    parser.add_argument("--env-id", default="SafetyCarRun-v0")
+    parser.add_argument("--total-timesteps", type=int, default=300_000)
+    parser.add_argument("--episodes-per-collect", type=int, default=10, help="FSRL's episode_per_collect")
+    parser.add_argument("--save-model", action="store_true")
+    parser.add_argument("--checkpoint-every", type=int, default=50_000)
+    parser.add_argument("--eval-every", type=int, default=50_000)
+    parser.add_argument("--eval-episodes", type=int, default=10)
+    parser.add_argument("--resume")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    result = {"env": command_env, "train": command_train, "learner": command_learner}[args.command](args)
+    commands = {"env": command_env, "train": command_train, "learner": command_learner, "run": command_run}
+    result = commands[args.command](args)
     result["torch"] = torch.__version__
     print(json.dumps(result), flush=True)
 

@@ -34,6 +34,9 @@ BENCHMARKS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(BENCHMARKS_DIR)
 ALGORITHM_SCRIPTS = {"cvpo": "cvpo_jax.py", "ppo_lagrangian": "ppo_lagrangian_jax.py",
                      "sac_lagrangian": "sac_lagrangian_jax.py"}
+# The CVPO authors' own implementation (FSRL), trained by benchmarks/fsrl_driver.py in FSRL's virtual environment
+# (benchmarks/throughput.py creates it on first use) with the same flags as our scripts.
+FSRL_ALGORITHMS = {"fsrl_cvpo": "cvpo"}
 STOP_GRACE_SECONDS = 180  # after a stop request, runs still alive this long are killed
 DEFAULTS = {"algorithms": ["cvpo"], "env_ids": ["SafetyPointGoal1-v0"], "seeds": [1], "cost_limit": 25.0,
             "num_envs": 4, "checkpoint_every": 20_000, "eval_every": 50_000, "eval_episodes": 5,
@@ -43,6 +46,12 @@ DEFAULTS = {"algorithms": ["cvpo"], "env_ids": ["SafetyPointGoal1-v0"], "seeds":
 def script_path(algorithm):
     name = ALGORITHM_SCRIPTS.get(algorithm, algorithm if algorithm.endswith(".py") else f"{algorithm}_jax.py")
     return name if os.path.isabs(name) else os.path.join(REPO_ROOT, name)
+
+
+def script_command(algorithm):
+    if algorithm in FSRL_ALGORITHMS:
+        return [os.path.join(BENCHMARKS_DIR, "fsrl_driver.py"), "run", "--algo", FSRL_ALGORITHMS[algorithm]]
+    return [script_path(algorithm)]
 
 
 def env_label(env_id):
@@ -57,7 +66,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", help="a table of --suite-file (e.g. main, smoke); flags given here override it")
     parser.add_argument("--suite-file", default=os.path.join(BENCHMARKS_DIR, "suite.toml"))
-    parser.add_argument("--algorithms", nargs="+", help="cvpo, ppo_lagrangian, sac_lagrangian (or a script path)")
+    parser.add_argument("--algorithms", nargs="+",
+                        help="cvpo, ppo_lagrangian, sac_lagrangian (or a script path); fsrl_cvpo: FSRL's own CVPO")
     parser.add_argument("--env-ids", nargs="+")
     parser.add_argument("--seeds", nargs="+", type=int)
     parser.add_argument("--total-timesteps", type=int, help="env steps per run (the preset may set one per task)")
@@ -111,15 +121,24 @@ def make_jobs(config):
     for seed in config["seeds"]:  # seed-major, so every (algorithm, task) gets its first seed early
         for env_id in config["env_ids"]:
             for algorithm in config["algorithms"]:
-                command = [script_path(algorithm), "--exp-name", algorithm, "--env-id", env_id, "--seed", str(seed),
+                command = [*script_command(algorithm), "--exp-name", algorithm, "--env-id", env_id, "--seed", str(seed),
                            "--total-timesteps", str(budget(config, env_id)), "--num-envs", str(config["num_envs"]),
                            "--cost-limit", str(config["cost_limit"]), "--save-model",
                            "--checkpoint-every", str(config["checkpoint_every"]),
                            "--eval-every", str(config["eval_every"]), "--eval-episodes", str(config["eval_episodes"]),
                            *config["extra_args"], *config["algo_args"].get(algorithm, [])]
                 jobs.append({"key": run_key(algorithm, env_id, seed), "algorithm": algorithm, "env_id": env_id,
-                             "seed": seed, "total_timesteps": budget(config, env_id), "command": command})
+                             "seed": seed, "total_timesteps": budget(config, env_id), "command": command,
+                             "fsrl": algorithm in FSRL_ALGORITHMS})
     return jobs
+
+
+def fsrl_python():
+    """FSRL's interpreter; its virtual environment is created on first use."""
+    import throughput
+
+    throughput.ensure_fsrl_venv()
+    return throughput.FSRL_PYTHON
 
 
 def read_json(path, default=None):
@@ -228,7 +247,7 @@ class Runner:
             print(f"[suite] {job['key']}: held by another runner or a still-running process; skipped", flush=True)
             return False
         info = read_json(os.path.join(run_dir, "run.json"), {"sessions": []})
-        command = [self.args.python, *job["command"]]
+        command = [fsrl_python() if job["fsrl"] else self.args.python, *job["command"]]
         checkpoint = find_checkpoint(run_dir)
         step = checkpoint_step(checkpoint) if checkpoint else None
         if step is None:

@@ -75,4 +75,34 @@ def test_throughput_smoke(tmp_path):
     assert data["env"]["steps_per_second"] > 0
     assert data["train"]["ours/CVPO"]["steps_per_second"] > 0
     assert data["learner"]["ours_fsrl"]["16"]["ms"] > 0 and data["learner"]["ours_newton"]["16"]["ms"] > 0
+    assert min(data["learner"]["ours_newton"]["16"]["parts"].values()) > 0 and "spends its time" in report
     assert "fsrl" not in data["learner"]  # --smoke never touches FSRL or its venv
+
+
+def test_steps_to_target_and_cumulative_violation(tmp_path):
+    # 10 bins of 100 steps: the return reaches 5 from step 300 on, the cost dips under the limit (10) at 200 but
+    # exceeds it again at 500, and stays under it from 600 on, so the target is kept from the bin ending at 700.
+    returns = [0, 1, 3, 5, 6, 6, 7, 7, 8, 8]
+    costs = [30, 20, 9, 9, 9, 25, 8, 8, 8, 8]
+    run_dir = tmp_path / "runs" / "cvpo__Toy-v0__1"
+    run_dir.mkdir(parents=True)
+    records = [{"global_step": 100 * i + 50, "charts/episodic_return": r, "charts/episodic_cost": c,
+                "charts/episodes_ended": 2, "charts/cost_violation": max(0, c - 10) + (i == 0), "charts/cost_limit": 10}
+               for i, (r, c) in enumerate(zip(returns, costs))] + [{"global_step": 1000}]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run, ) = aggregate.load_runs(str(tmp_path))
+    assert aggregate.steps_to_target(run, 5.0, 10.0, bins=10) == 700
+    assert aggregate.steps_to_target(run, 9.0, 10.0, bins=10) is None
+    assert run["cumulative_violation"] == 2 * (21 + 10 + 15)
+
+
+def test_fsrl_cells_run_the_driver_with_every_flag_our_scripts_get():
+    _, config = run_suite.parse_args(["--preset", "bullet_fsrl"])
+    jobs = {job["algorithm"]: job for job in run_suite.make_jobs(config) if job["seed"] == 1}
+    fsrl, ours = jobs["fsrl_cvpo"], jobs["cvpo"]
+    assert fsrl["fsrl"] and not ours["fsrl"]
+    assert fsrl["command"][0].endswith("fsrl_driver.py") and fsrl["command"][1:4] == ["run", "--algo", "cvpo"]
+    assert fsrl["command"][6:] == ours["command"][3:]  # after --exp-name: the same flags and values on both sides
+    driver = open(os.path.join(REPO_ROOT, "benchmarks", "fsrl_driver.py")).read()  # it imports torch: read, not import
+    for flag in [token for token in fsrl["command"] if token.startswith("--")] + ["--resume"]:
+        assert f'"{flag}"' in driver, flag

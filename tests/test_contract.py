@@ -65,6 +65,10 @@ def test_zero_cost_limit_trains_with_finite_numbers(script, tmp_path):
     records = read_metrics(only_run_dir(tmp_path))
     assert any(MULTIPLIER[script] in r for r in records)
     assert all(np.isfinite(value) for r in records for value in r.values())
+    episodes = [r for r in records if "charts/episodic_cost" in r]
+    assert episodes and all(r["charts/episodes_ended"] >= 1 for r in episodes)
+    for r in episodes:  # with d = 0 each episode's violation is its cost
+        np.testing.assert_allclose(r["charts/cost_violation"], r["charts/episodic_cost"], rtol=1e-6)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

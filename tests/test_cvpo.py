@@ -288,7 +288,8 @@ def test_train_round_keeps_the_multipliers_and_refreshes_pi_old_after_the_round(
                "actions": jnp.zeros((updates_in_round, 32, 1)), "reward_return": jnp.zeros((updates_in_round, 32)),
                "cost_return": jnp.zeros((updates_in_round, 32)),
                "bootstrap_obs": jnp.broadcast_to(obs, (updates_in_round, *obs.shape)),
-               "bootstrap_discount": jnp.zeros((updates_in_round, 32))}
+               "bootstrap_discount": jnp.zeros((updates_in_round, 32)),
+               "policy_obs": jnp.broadcast_to(obs, (updates_in_round, *obs.shape))}
     new_state, metrics = updates.train_round(state, batches, jax.random.PRNGKey(4))
     np.testing.assert_allclose(np.exp(new_state.mstep_log_alphas), 7.0,
                                rtol=np.exp(updates_in_round * args.mstep_dual_lr) - 1 + 1e-6)  # not reset
@@ -315,6 +316,7 @@ def test_cost_threshold_is_the_discounted_cost_the_critic_estimates():
                    next_obs=obs, terminated=np.zeros(2, bool), episode_ended=np.full(2, t % length == length - 1))
     for round_index in range(10):
         batches = buffer.sample_n_step(rng, (200, args.batch_size), args.n_step, gamma)
+        batches["policy_obs"] = batches["obs"]
         state, metrics = updates.train_round(state, batches, jax.random.PRNGKey(round_index))
     q_cost = critic.apply(state.critic.params, jnp.ones((16, 2)) * jnp.array([1.0, 0.0]), jnp.linspace(-1, 1, 16)[:, None])[1]
     np.testing.assert_allclose(q_cost, eps_cost, rtol=0.03)
@@ -356,6 +358,32 @@ def test_resume_ends_the_interrupted_episodes_in_the_buffer():
     assert last_before.any()
     np.testing.assert_allclose(batch["reward_return"][last_before], 1.0)  # its own step only
     np.testing.assert_allclose(batch["bootstrap_obs"][last_before, 0], 5.0)  # bootstraps from its true next state
+
+
+def test_policy_states_come_from_the_newest_rows_only():
+    buffer = cvpo_jax.ReplayBuffer(capacity=20, num_envs=2, obs_dim=2, action_dim=1)  # 10 rows: wraps
+    for t in range(23):
+        buffer.add(obs=[[t, 0], [t, 1]], actions=np.zeros((2, 1)), rewards=np.zeros(2), costs=np.zeros(2),
+                   next_obs=np.zeros((2, 2)), terminated=np.zeros(2, bool), episode_ended=np.zeros(2, bool))
+    obs = buffer.sample_recent_obs(np.random.default_rng(0), (50, 20), rows=4)
+    assert set(map(tuple, obs.reshape(-1, 2).astype(int))) == {(t, env) for t in range(19, 23) for env in (0, 1)}
+    whole = buffer.sample_recent_obs(np.random.default_rng(0), (2000,), rows=100)  # at most the whole buffer
+    assert set(whole[:, 0].astype(int)) == set(range(13, 23))
+
+
+def test_train_round_takes_the_estep_and_mstep_states_from_policy_obs():
+    _, actor, updates, state, obs = known_setup(1.0)
+    replay_obs = obs.at[:, 1].set(0.0)  # Q_c = s_1 + a_0^2: 5 higher on the policy's states
+    policy_obs = obs.at[:, 1].set(5.0)
+    updates_in_round = 2
+    stacked = lambda x: jnp.broadcast_to(x, (updates_in_round, *x.shape))
+    batches = {"obs": stacked(replay_obs), "actions": jnp.zeros((updates_in_round, 32, 1)),
+               "reward_return": jnp.zeros((updates_in_round, 32)), "cost_return": jnp.zeros((updates_in_round, 32)),
+               "bootstrap_obs": stacked(replay_obs), "bootstrap_discount": jnp.zeros((updates_in_round, 32)),
+               "policy_obs": stacked(policy_obs)}
+    _, metrics = updates.train_round(state, batches, jax.random.PRNGKey(5))
+    np.testing.assert_allclose(metrics["estep/q_cost_pi_old"], pi_old_cost(actor, state, policy_obs), rtol=0.1)
+    assert pi_old_cost(actor, state, policy_obs) > 2 * pi_old_cost(actor, state, replay_obs)
 
 
 def test_interrupt_during_a_round_saves_a_state_and_step_that_agree(tmp_path):
