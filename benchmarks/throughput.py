@@ -200,33 +200,27 @@ def our_learner_ms(ks, batch_size, updates, solver):
         if solver != "newton":
             continue
 
-        def scanned(part, inputs=batches):
+        def scanned(part):
             @jax.jit
             def run(state, key):
                 body = lambda state, inputs: (part(state, *inputs), None)
-                return jax.lax.scan(body, state, (inputs, jax.random.split(key, updates)))[0]
+                return jax.lax.scan(body, state, (batches, jax.random.split(key, updates)))[0]
             return lambda seed: run(state, jax.random.PRNGKey(seed))
-
-        @jax.jit
-        def estep_outputs(state, key):  # the M-step is timed on what the E-step hands it
-            def body(state, inputs):
-                state, sampled, weights, _ = cvpo.estep(state, inputs[0]["policy_obs"], inputs[1])
-                return state, {"policy_obs": inputs[0]["policy_obs"], "sampled": sampled, "weights": weights}
-            return jax.lax.scan(body, state, (batches, jax.random.split(key, updates)))[1]
 
         def q_values_only(state, batch, key):
             sampled = jax.random.normal(key, (batch_size, k, action_dim))
             q_values = critic.apply(state.critic.params, batch["policy_obs"][:, None], sampled)
             return state.replace(duals=state.duals + q_values.mean())  # keeps the scan from dropping the work
 
-        def mstep_only(state, inputs, key):
-            return cvpo.mstep(state, inputs["policy_obs"], inputs["sampled"], inputs["weights"])[0]
+        def mstep_only(state, batch, key):  # on K actions around pi_old's mean, weighted uniformly
+            sampled = jax.random.normal(key, (batch_size, k, action_dim))
+            return cvpo.mstep(state, batch["policy_obs"], sampled, np.full((batch_size, k), 1 / k, np.float32))[0]
 
         results[str(k)]["parts"] = {
             "critics": ms(scanned(lambda state, batch, key: cvpo.update_critics(state, batch, key)[0])),
             "E-step Q values": ms(scanned(q_values_only)),
             "E-step": ms(scanned(lambda state, batch, key: cvpo.estep(state, batch["policy_obs"], key)[0])),
-            "M-step": ms(scanned(mstep_only, estep_outputs(state, jax.random.PRNGKey(2)))),
+            "M-step": ms(scanned(mstep_only)),
         }
     return results
 
@@ -440,8 +434,8 @@ def write_report(path, command, machine, results):
     profiled = [k for k in results["ks"] if "parts" in learner["ours_newton"].get(str(k), {})]
     if profiled:
         lines += ["## Where our CVPO update spends its time (newton solver)", "",
-                  "Each part scanned alone over the same batches (ms per update; the M-step on the samples and "
-                  "weights the E-step produced for those batches), so the parts need not add up to the whole update exactly. The E-step's Q "
+                  "Each part scanned alone over the same batches (ms per update; the M-step on K random actions "
+                  "weighted uniformly), so the parts need not add up to the whole update exactly. The E-step's Q "
                   "values are the critics on B x K (state, action) pairs, whose matrix products set the floor of "
                   "the update's cost.", "",
                   "| K | whole update | critics | E-step | of which Q values | M-step |",

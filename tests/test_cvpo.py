@@ -448,3 +448,9 @@ def test_end_to_end_safety_point_goal_with_checkpoint_evaluation(tmp_path):
     evaluation = json.loads(result.stdout.strip().splitlines()[-1])
     assert evaluation["global_step"] == 2000 and np.isfinite(evaluation["eval/episodic_cost"])
     np.testing.assert_allclose(evaluation["eval/episodic_return"], metrics[-1]["eval/episodic_return"], rtol=1e-4)
+
+
+def test_policy_state_window_beyond_the_buffer_is_refused(tmp_path):
+    result = run_script("cvpo_jax.py", "--buffer-size", 1000, "--policy-state-window", 2000, cwd=tmp_path, check=False)
+    assert result.returncode != 0
+    assert result.stderr.strip() == "error: --policy-state-window must be at most --buffer-size (1000), got 2000"
