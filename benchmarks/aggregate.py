@@ -141,10 +141,11 @@ def cvpo_bounds_table(runs):
              "E-step (in units of its bounds), the fraction of updates whose cost bound could not be met inside the "
              "KL ball, and, over the second half of the run, the mean cost Q at the states and actions of each "
              "round's episodes against their Monte Carlo discounted cost-to-go (ratio > 1: the critic is "
-             "pessimistic).", "",
+             "pessimistic), and the cost Q over the whole replay buffer against the cost Q at those recent states "
+             "(ratio < 1: the buffer's old states look cheaper than the ones the policy now visits).", "",
              "| run | rounds | KL(q‖pi_old) / eps_kl | KL_mu / eps_mu | KL_sigma / eps_sigma | KKT residual | "
-             "infeasible updates | Q_c / MC cost-to-go (2nd half) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "infeasible updates | Q_c / MC cost-to-go (2nd half) | replay Q_c / recent Q_c (2nd half) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for run in runs:
         rounds = run["rounds"]
         if run["algorithm"] != "cvpo" or not rounds or "mstep/kl_mu_max" not in rounds[-1]:
@@ -155,13 +156,16 @@ def cvpo_bounds_table(runs):
         largest = lambda name: max(r[name] for r in rounds if name in r)
         second_half = [r for r in rounds if r["global_step"] >= run["steps"] / 2 and "bias/mc_cost_recent" in r]
         mc_cost = np.mean([r["bias/mc_cost_recent"] for r in second_half]) if second_half else 0.0
-        bias = np.mean([r["bias/q_cost_recent"] for r in second_half]) / mc_cost if mc_cost > 0 else None
+        recent_q = np.mean([r["bias/q_cost_recent"] for r in second_half]) if second_half else 0.0
+        bias = recent_q / mc_cost if mc_cost > 0 else None
+        replay = [r["bias/q_cost_replay"] for r in second_half if "bias/q_cost_replay" in r]
+        shift = np.mean(replay) / recent_q if replay and recent_q > 0 else None
         lines.append(f"| {run['key']} | {len(rounds)} | {largest('estep/kl_q_pi_old_max') / bound['--estep-kl']:.3f} | "
                      f"{largest('mstep/kl_mu_max') / bound['--mstep-kl-mu']:.2f} | "
                      f"{largest('mstep/kl_sigma_max') / bound['--mstep-kl-sigma']:.2f} | "
                      f"{largest('estep/kkt_residual_max'):.1e} | "
                      f"{np.mean([r['estep/infeasible'] for r in rounds]):.0%} | "
-                     f"{'n/a' if bias is None else f'{bias:.2f}'} |")
+                     f"{'n/a' if bias is None else f'{bias:.2f}'} | {'n/a' if shift is None else f'{shift:.2f}'} |")
     return lines + [""] if len(lines) > 6 else []
 
 

@@ -444,6 +444,8 @@ def test_end_to_end_safety_point_goal_with_checkpoint_evaluation(tmp_path):
     assert metrics[-1]["global_step"] == 2000 and "eval/episodic_return" in metrics[-1]
     assert any("charts/estep_eta" in r for r in metrics)
     checkpoint = run_dir / "checkpoints" / "checkpoint.pkl"
+    with open(checkpoint, "rb") as file:
+        assert pickle.load(file)["args"]["policy_state_window"] == 500  # the default: one round
     result = run_script("cvpo_jax.py", "--eval-checkpoint", checkpoint, "--eval-episodes", 1, cwd=tmp_path)
     evaluation = json.loads(result.stdout.strip().splitlines()[-1])
     assert evaluation["global_step"] == 2000 and np.isfinite(evaluation["eval/episodic_cost"])
