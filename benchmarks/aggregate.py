@@ -30,21 +30,33 @@ from run_suite import read_metrics_records  # noqa: E402  (a sibling script: ben
 BENCHMARKS_DIR = os.path.dirname(os.path.abspath(__file__))
 NAMES = {"cvpo": "CVPO", "ppo_lagrangian": "PPO-Lag", "sac_lagrangian": "SAC-Lag", "fsrl_cvpo": "FSRL's CVPO"}
 
-# Published figures, each with its budget and source. Only numbers we could read or verify are listed.
+# Published figures, each with its budget and source. Only numbers we could read or verify are listed. "env_id" and
+# "family" attach a figure to our cells (the same task and the same kind of method) in the reproduction summary.
+FSRL_CURVES = "FSRL benchmark curves (github.com/liuzuxin/FSRL, README figures), read off the plot"
 REFERENCES = [
-    {"algorithm": "CVPO", "task": "SafetyPointGoal1", "cost_limit": 25, "budget": "5M env steps, 3 seeds",
-     "return": "~24", "cost": "~25-30",
-     "source": "FSRL benchmark curves (github.com/liuzuxin/FSRL, README figures), read off the plot"},
-    {"algorithm": "CVPO", "task": "SafetyPointButton1", "cost_limit": 25, "budget": "5M env steps, 3 seeds",
-     "return": "~10", "cost": "~30-35",
-     "source": "FSRL benchmark curves (github.com/liuzuxin/FSRL, README figures), read off the plot"},
-    {"algorithm": "PPO-Lag (OmniSafe PPOLag)", "task": "SafetyPointGoal1-v0", "cost_limit": 25,
-     "budget": "1e7 env steps (the table's caption); mean ± std over seeds and 10 evaluation iterations",
-     "return": "12.96 ± 6.95", "cost": "25.80 ± 34.99",
-     "source": "OmniSafe benchmarks/on-policy/README.md, Table 2 (github.com/PKU-Alignment/omnisafe)"},
+    {"algorithm": "CVPO", "family": "cvpo", "task": "SafetyPointGoal1", "env_id": "SafetyPointGoal1-v0",
+     "cost_limit": 25, "budget": "5M", "return": "~24", "cost": "~25-30", "source": FSRL_CURVES},
+    {"algorithm": "PPO-Lag (OmniSafe PPOLag)", "family": "ppo_lagrangian", "task": "SafetyPointGoal1-v0",
+     "env_id": "SafetyPointGoal1-v0", "cost_limit": 25,
+     "budget": "10M", "return": "12.96 ± 6.95", "cost": "25.80 ± 34.99",
+     "source": "OmniSafe benchmarks/on-policy/README.md, Table 2 (github.com/PKU-Alignment/omnisafe); budget from the "
+               "table's caption; mean ± std over seeds and 10 evaluation iterations"},
+    {"algorithm": "CVPO", "family": "cvpo", "task": "SafetyCarRun (Bullet)", "env_id": "SafetyCarRun-v0",
+     "cost_limit": 10, "budget": "0.3M", "return": "~542", "cost": "~11", "source": FSRL_CURVES},
+    {"algorithm": "CVPO", "family": "cvpo", "task": "SafetyCarCircle (Bullet)", "env_id": "SafetyCarCircle-v0",
+     "cost_limit": 10, "budget": "1.5M", "return": "~433", "cost": "~5.5", "source": FSRL_CURVES},
+    {"algorithm": "PPO-Lag (FSRL PPOL)", "family": "ppo_lagrangian", "task": "SafetyCarCircle (Bullet)",
+     "env_id": "SafetyCarCircle-v0", "cost_limit": 10, "budget": "1.5M", "return": "~397", "cost": "~8-10",
+     "source": FSRL_CURVES},
+    {"algorithm": "SAC-Lag (FSRL SACL)", "family": "sac_lagrangian", "task": "SafetyCarCircle (Bullet)",
+     "env_id": "SafetyCarCircle-v0", "cost_limit": 10, "budget": "1.5M", "return": "~334", "cost": "~8-10",
+     "source": FSRL_CURVES},
+    {"algorithm": "CVPO", "family": "cvpo", "task": "SafetyPointButton1", "env_id": None, "cost_limit": 25,
+     "budget": "5M", "return": "~10", "cost": "~30-35", "source": FSRL_CURVES},
 ]
-# Not found in a verifiable form: OmniSafe / SafePO SAC-Lag on SafetyPointGoal1-v0 (OmniSafe's off-policy tables
-# cover only the Velocity tasks) and any PPO-Lag / SAC-Lag figure on SafetyCarCircle1-v0.
+# Not found in a verifiable form: a SAC-Lag figure on SafetyPointGoal1-v0 (OmniSafe's off-policy tables cover only
+# the Velocity tasks) and any PPO-Lag / SAC-Lag figure on SafetyCarCircle1-v0 or SafetyCarRun-v0.
+BASELINES = ("ppo_lagrangian", "sac_lagrangian", "fsrl_cvpo")  # what CVPO is compared with, where present
 
 
 def load_records(path):
@@ -205,6 +217,17 @@ def mean_std(values, digits=1):
     return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
 
 
+def seed_mean(values):
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def side_by_side(ours, theirs):
+    if ours is None or theirs is None:
+        return "n/a"
+    return f"{ours:.1f} vs {theirs:.1f} ({ours - theirs:+.1f})"
+
+
 def steps_label(steps, seeds):
     """Mean env steps over the seeds that reached the target, with how many did."""
     reached = [s for s in steps if s is not None]
@@ -218,7 +241,8 @@ def binned_curve(episodes, grid, column):
     values = np.full(len(grid) - 1, np.nan)
     if len(episodes) == 0:
         return values
-    index = np.digitize(episodes[:, 0], grid) - 1
+    # an episode ending on a bin's right edge (the run's last step included) belongs to that bin
+    index = np.clip(np.searchsorted(grid, episodes[:, 0], side="left") - 1, 0, len(values) - 1)
     for i in range(len(values)):
         inside = episodes[index == i, column]
         if len(inside):
@@ -258,6 +282,88 @@ def plot_task(task, runs, path, grid_points, cost_limit):
     plt.close(figure)
 
 
+def summarise_task(runs, final_fraction, target, bins):
+    """One task's runs per algorithm: final return and cost, last evaluation, violation and steps-to-target per seed.
+    The target return defaults to half the best final return of any algorithm on the task."""
+    limits = [run["cost_limit"] for run in runs if run["cost_limit"] is not None]
+    cost_limit = limits[0] if limits else None
+    cells = {}
+    for algorithm in sorted({run["algorithm"] for run in runs}):
+        group = [run for run in runs if run["algorithm"] == algorithm]
+        finals = [final_performance(run, final_fraction) for run in group]
+        evals = [run["last_eval"] or {} for run in group]
+        cells[algorithm] = {"runs": group, "returns": [f[0] for f in finals], "costs": [f[1] for f in finals],
+                            "eval_returns": [e.get("eval/episodic_return") for e in evals],
+                            "eval_costs": [e.get("eval/episodic_cost") for e in evals],
+                            "violations": [run["cumulative_violation"] for run in group]}
+    best_final = max((np.mean([r for r in cell["returns"] if r is not None] or [-np.inf]) for cell in cells.values()),
+                     default=-np.inf)
+    if target is None and np.isfinite(best_final) and best_final > 0:
+        target = best_final / 2
+    for cell in cells.values():
+        cell["reach"] = [steps_to_target(run, target, cost_limit, bins)
+                         if target is not None and cost_limit is not None and len(run["episodes"]) else None
+                         for run in cell["runs"]]
+    return {"runs": runs, "cost_limit": cost_limit, "target": target, "cells": cells}
+
+
+def steps_reached(cell):
+    budget = cell["runs"][0]["total_timesteps"]
+    return f"{min(run['steps'] for run in cell['runs']):,}" + (f" / {budget:,}" if budget else "")
+
+
+def reproduction_table(summaries):
+    """Every task and algorithm in one table, each published figure for the same task and kind of method beside it."""
+    lines = ["## Summary, with the published figures", "",
+             "Ours: mean ± std over seeds (the tables below show each seed). Published: the figure for the same task "
+             "and kind of method, at its own budget (see the sources at the end).", "",
+             "| task (cost limit) | algorithm | seeds (finished) | env steps | final return | final cost | eval return "
+             "| eval cost | violation | steps to target | published return / cost (budget) |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for task, summary in summaries.items():
+        limit = summary["cost_limit"]
+        for algorithm, cell in summary["cells"].items():
+            family = "cvpo" if algorithm == "fsrl_cvpo" else algorithm
+            published = "; ".join(f"{ref['algorithm']}: {ref['return']} / {ref['cost']} ({ref['budget']})"
+                                  for ref in REFERENCES if ref["env_id"] == task and ref["family"] == family)
+            lines.append(
+                f"| {task}" + (f" ({limit:g})" if limit is not None else "") + f" | {NAMES.get(algorithm, algorithm)} | "
+                f"{len(cell['runs'])} ({sum(run['done'] for run in cell['runs'])}) | {steps_reached(cell)} | "
+                f"{mean_std(cell['returns'])} | {mean_std(cell['costs'])} | {mean_std(cell['eval_returns'])} | "
+                f"{mean_std(cell['eval_costs'])} | {mean_std(cell['violations'], 0)} | "
+                f"{steps_label(cell['reach'], len(cell['runs'])) if summary['target'] is not None else 'n/a'} | "
+                f"{published or '—'} |")
+    return lines + [""]
+
+
+def against_baselines_table(summaries):
+    """Per task, CVPO against each other method run on it: differences of the seed means."""
+    rows = []
+    for task, summary in summaries.items():
+        cells = summary["cells"]
+        if "cvpo" not in cells:
+            continue
+        ours = cells["cvpo"]
+        for other in (name for name in BASELINES if name in cells):
+            theirs = cells[other]
+            violations = seed_mean(ours["violations"]), seed_mean(theirs["violations"])
+            reached = [sum(step is not None for step in cell["reach"]) for cell in (ours, theirs)]
+            rows.append(f"| {task} | {NAMES.get(other, other)} | "
+                        f"{side_by_side(seed_mean(ours['returns']), seed_mean(theirs['returns']))} | "
+                        f"{side_by_side(seed_mean(ours['costs']), seed_mean(theirs['costs']))} | "
+                        f"{side_by_side(seed_mean(ours['eval_returns']), seed_mean(theirs['eval_returns']))} | "
+                        + ("n/a" if None in violations else f"{violations[0]:.0f} / {violations[1]:.0f}") + " | "
+                        f"{reached[0]}/{len(ours['runs'])} against {reached[1]}/{len(theirs['runs'])} |")
+    if not rows:
+        return []
+    return ["## CVPO against each other method", "",
+            "Seed means, CVPO vs the other method (CVPO minus the other): a positive return difference and a negative "
+            "cost difference favour CVPO. Violation: cumulative over training, CVPO / the other. Target: the seeds that "
+            "reached the task's target return and kept it within the limit.",
+            "", "| task | against | final return | final cost | eval return | violation | seeds reaching the target |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: |", *rows, ""]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results-dir", default=os.path.join(BENCHMARKS_DIR, "results"))
@@ -288,62 +394,50 @@ def main(argv=None):
              "did).", ""]
     targets = {task: float(value) for task, _, value in (item.partition("=") for item in args.return_target)}
     tasks = sorted({run["task"] for run in runs})
+    summaries = {task: summarise_task([run for run in runs if run["task"] == task], args.final_fraction,
+                                      targets.get(task), args.target_bins) for task in tasks}
     if not runs:
         lines.append("No runs found.")
+    else:
+        lines += reproduction_table(summaries) + against_baselines_table(summaries)
     for task in tasks:
-        mine = [run for run in runs if run["task"] == task]
-        limits = [run["cost_limit"] for run in mine if run["cost_limit"] is not None]
-        cost_limit = limits[0] if limits else None
-        algorithms = sorted({run["algorithm"] for run in mine})
-        finals = {run["key"]: final_performance(run, args.final_fraction) for run in mine}
-        best_final = max((np.mean([finals[run["key"]][0] for run in mine if run["algorithm"] == algorithm
-                                   and finals[run["key"]][0] is not None] or [-np.inf]) for algorithm in algorithms))
-        target = targets.get(task, best_final / 2 if np.isfinite(best_final) and best_final > 0 else None)
-        reach = {run["key"]: steps_to_target(run, target, cost_limit, args.target_bins)
-                 if target is not None and cost_limit is not None and len(run["episodes"]) else None for run in mine}
+        summary = summaries[task]
+        cost_limit, target = summary["cost_limit"], summary["target"]
         lines += [f"## {task}" + (f" (cost limit {cost_limit:g})" if cost_limit is not None else ""), "",
                   "| algorithm | seeds (finished) | final return | final cost | eval return | eval cost | "
                   f"violation | steps to return {'n/a' if target is None else f'{target:.1f}'} | env steps | "
                   "minutes per run |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         per_seed = []
-        for algorithm in algorithms:
-            group = [run for run in mine if run["algorithm"] == algorithm]
-            evals = [run["last_eval"] for run in group if run["last_eval"]]
-            budget = group[0]["total_timesteps"]
-            steps = f"{min(run['steps'] for run in group):,}" + (f" / {budget:,}" if budget else "")
+        for algorithm, cell in summary["cells"].items():
+            group = cell["runs"]
             minutes = [run["wall_minutes"] for run in group if run["wall_minutes"]]
             minutes = f"{np.mean(minutes):.0f}" if minutes else "n/a"
             lines.append(
                 f"| {NAMES.get(algorithm, algorithm)} | {len(group)} ({sum(run['done'] for run in group)}) | "
-                f"{mean_std([finals[run['key']][0] for run in group])} | "
-                f"{mean_std([finals[run['key']][1] for run in group])} | "
-                f"{mean_std([e['eval/episodic_return'] for e in evals])} | "
-                f"{mean_std([e['eval/episodic_cost'] for e in evals])} | "
-                f"{mean_std([run['cumulative_violation'] for run in group], 0)} | "
-                f"{steps_label([reach[run['key']] for run in group], len(group)) if target is not None else 'n/a'} | "
-                f"{steps} | {minutes} |")
-            for run in group:
-                final_return, final_cost = finals[run["key"]]
-                evaluation, reached = run["last_eval"] or {}, reach[run["key"]]
-                cell = lambda value, digits=1: "n/a" if value is None else f"{value:.{digits}f}"
+                f"{mean_std(cell['returns'])} | {mean_std(cell['costs'])} | {mean_std(cell['eval_returns'])} | "
+                f"{mean_std(cell['eval_costs'])} | {mean_std(cell['violations'], 0)} | "
+                f"{steps_label(cell['reach'], len(group)) if target is not None else 'n/a'} | "
+                f"{steps_reached(cell)} | {minutes} |")
+            for index, run in enumerate(group):
+                evaluation, reached = run["last_eval"] or {}, cell["reach"][index]
+                cell_text = lambda value, digits=1: "n/a" if value is None else f"{value:.{digits}f}"
                 per_seed.append(
-                    f"| {NAMES.get(algorithm, algorithm)} | {run['seed']} | {cell(final_return)} | {cell(final_cost)} | "
-                    f"{cell(evaluation.get('eval/episodic_return'))} | {cell(evaluation.get('eval/episodic_cost'))} | "
-                    f"{cell(run['cumulative_violation'], 0)} | "
-                    f"{'never' if reached is None else f'{reached / 1000:,.0f}k'} | "
-                    f"{run['steps']:,} |")
+                    f"| {NAMES.get(algorithm, algorithm)} | {run['seed']} | {cell_text(cell['returns'][index])} | "
+                    f"{cell_text(cell['costs'][index])} | {cell_text(evaluation.get('eval/episodic_return'))} | "
+                    f"{cell_text(evaluation.get('eval/episodic_cost'))} | {cell_text(run['cumulative_violation'], 0)} | "
+                    f"{'never' if reached is None else f'{reached / 1000:,.0f}k'} | {run['steps']:,} |")
         lines += ["", "Each seed:", "", "| algorithm | seed | final return | final cost | eval return | eval cost | "
                   "violation | steps to target | env steps |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
                   *per_seed]
         plot_name = f"learning_{re.sub(r'[^A-Za-z0-9_.-]', '_', task)}.png"
-        plot_task(task, mine, os.path.join(args.results_dir, plot_name), args.grid_points, cost_limit)
+        plot_task(task, summary["runs"], os.path.join(args.results_dir, plot_name), args.grid_points, cost_limit)
         lines += ["", f"![{task}]({plot_name})", ""]
     lines += cvpo_bounds_table(runs)
     lines += sac_cost_critic_table(runs)
     lines += ["## Published reference figures", "",
-              "Not comparable one to one: different budgets (ours above are far smaller), implementations and "
-              "evaluation protocols. Returns and costs are episodic (1000-step episodes; Circle tasks 500).", "",
-              "| algorithm | task | cost limit | budget | return | cost | source |",
+              "Not comparable one to one: different budgets (env steps; ours are in the tables above), "
+              "implementations and evaluation protocols. Returns and costs are episodic.", "",
+              "| algorithm | task | cost limit | budget (env steps) | return | cost | source |",
               "| --- | --- | ---: | --- | ---: | ---: | --- |"]
     for ref in REFERENCES:
         lines.append(f"| {ref['algorithm']} | {ref['task']} | {ref['cost_limit']} | {ref['budget']} | {ref['return']} | "
