@@ -129,7 +129,8 @@ class Args:
     hidden_sizes: tuple[int, ...] = (128, 128)
     """hidden layers of the actor and of each critic"""
     double_critic: bool = False
-    """twin critics: min of two reward critics, max of two cost critics, in the E-step and the targets"""
+    """twin critics: the E-step takes the min of two reward critics and the max of two cost critics; the reward
+    critics share the min of their targets, each cost critic bootstraps on its own"""
     critic_lr: float = 1e-3
     """learning rate of the critics"""
     actor_lr: float = 5e-4
@@ -730,10 +731,12 @@ def make_train_round(args, actor, critic, action_low, action_high, eps_cost):
     def update_critics(state, batch, key):
         mean, std = actor.apply(state.actor.params, batch["bootstrap_obs"])
         next_actions = jnp.clip(mean + std * jax.random.normal(key, mean.shape), action_low, action_high)
-        next_reward_q, next_cost_q = reward_and_cost(
-            critic.apply(state.target_critic_params, batch["bootstrap_obs"], next_actions))
-        reward_target = batch["reward_return"] + batch["bootstrap_discount"] * next_reward_q
-        cost_target = batch["cost_return"] + batch["bootstrap_discount"] * next_cost_q
+        next_q = critic.apply(state.target_critic_params, batch["bootstrap_obs"], next_actions)
+        # The reward critics share the min of their targets (TD3). Each cost critic bootstraps on its own target:
+        # a max in the target would compound through every bootstrap, and on a sparse cost it priced states at
+        # several times their Monte Carlo cost-to-go; the E-step takes the max of the cost critics instead.
+        reward_target = batch["reward_return"] + batch["bootstrap_discount"] * next_q[:critics].min(0)
+        cost_target = batch["cost_return"] + batch["bootstrap_discount"] * next_q[critics:]
 
         def loss_fn(params):
             q_values = critic.apply(params, batch["obs"], batch["actions"])

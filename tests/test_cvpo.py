@@ -231,6 +231,34 @@ def pi_old_cost(actor, state, obs):
     return float(jnp.mean(obs[:, 1] + mean[:, 0] ** 2 + std[:, 0] ** 2))
 
 
+class ConstantCritics(nn.Module):
+    """Two reward critics then two cost critics, each a constant Q_i(s, a) = value_i, stacked like CriticEnsemble."""
+
+    critics_per_signal = 2
+
+    @nn.compact
+    def __call__(self, obs, action):
+        value = self.param("value", nn.initializers.zeros, (4,))
+        return value.reshape((4,) + (1,) * (obs.ndim - 1)) + 0 * obs[..., 0] + 0 * action[..., 0]
+
+
+def test_twin_reward_critics_share_the_min_target_and_each_cost_critic_bootstraps_on_its_own():
+    args = cvpo_jax.Args(double_critic=True, hidden_sizes=(16, 16))
+    updates = cvpo_jax.make_train_round(args, cvpo_jax.Actor(1, (16, 16)), ConstantCritics(), np.array([-1.0]),
+                                        np.array([1.0]), 1.0)
+    state = updates.init_state(jax.random.PRNGKey(0), 2, 1)
+    online, target = jnp.full(4, 5.0), jnp.array([0.0, 10.0, 0.0, 10.0])  # online critics in between their targets
+    state = state.replace(critic=state.critic.replace(params={"params": {"value": online}}),
+                          target_critic_params={"params": {"value": target}})
+    batch = {"obs": jnp.zeros((8, 2)), "actions": jnp.zeros((8, 1)), "bootstrap_obs": jnp.zeros((8, 2)),
+             "reward_return": jnp.zeros(8), "cost_return": jnp.zeros(8), "bootstrap_discount": jnp.ones(8)}
+    state, _ = jax.jit(updates.update_critics)(state, batch, jax.random.PRNGKey(1))
+    moved = np.sign(np.asarray(state.critic.params["params"]["value"]) - 5.0)
+    # reward: both move to min(0, 10) = 0; cost: the first to its own 0, the second to its own 10 (a shared max
+    # target would move both up, a shared min both down)
+    np.testing.assert_array_equal(moved, [-1, -1, -1, 1])
+
+
 def test_estep_samples_pi_old_weighs_with_the_online_critics_and_meets_both_bounds():
     _, actor, _, state, obs = known_setup(0.0)
     eps_cost = 0.8 * pi_old_cost(actor, state, obs)  # the reward pulls a_0 up, the cost bound holds it back
