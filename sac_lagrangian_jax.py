@@ -493,8 +493,9 @@ def critic_targets(batch, next_q_values, next_log_prob, alpha):
     The actor minimises lambda Q_c, so it seeks the actions whose Q_c is most underestimated, and the bootstrap
     at a' ~ pi carries that error into every target, amplified by 1 / (1 - gamma): a single cost critic drifts
     low, then below zero (TD3's argument for the min of twin reward critics, mirrored). The max of two
-    independently trained cost critics (as in cvpo_jax.py --double-critic) is not talked down unless both are;
-    it also prices the actor's actions. Costs are never negative, so neither is the value bootstrapped from. No
+    independently trained cost critics is not talked down unless both are; it also prices the actor's actions.
+    (cvpo_jax.py --double-critic keeps a target per cost critic instead: CVPO has no actor pushing Q_c down, and
+    there the max in the target compounded upwards.) Costs are never negative, so neither is the value bootstrapped from. No
     upper clip: the largest cost per step is not known for an arbitrary env, and an overestimate errs on the safe
     side.
     """
