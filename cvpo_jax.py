@@ -129,8 +129,7 @@ class Args:
     hidden_sizes: tuple[int, ...] = (128, 128)
     """hidden layers of the actor and of each critic"""
     double_critic: bool = False
-    """twin critics: the E-step takes the min of two reward critics and the max of two cost critics; the reward
-    critics share the min of their targets, each cost critic bootstraps on its own"""
+    """two critics per signal: the E-step takes the min of the reward critics, the max of the cost critics"""
     critic_lr: float = 1e-3
     """learning rate of the critics"""
     actor_lr: float = 5e-4
