@@ -28,7 +28,8 @@ import numpy as np  # noqa: E402
 from run_suite import read_metrics_records  # noqa: E402  (a sibling script: benchmarks/ is on sys.path)
 
 BENCHMARKS_DIR = os.path.dirname(os.path.abspath(__file__))
-NAMES = {"cvpo": "CVPO", "ppo_lagrangian": "PPO-Lag", "sac_lagrangian": "SAC-Lag", "fsrl_cvpo": "FSRL's CVPO"}
+NAMES = {"cvpo": "CVPO", "ppo_lagrangian": "PPO-Lag", "sac_lagrangian": "SAC-Lag", "fsrl_cvpo": "FSRL's CVPO",
+         "cvpo_double_critic": "CVPO, --double-critic"}  # a run directory's algorithm part may name a variant
 
 # Published figures, each with its budget and source. Only numbers we could read or verify are listed. "env_id" and
 # "family" attach a figure to our cells (the same task and the same kind of method) in the reproduction summary.
@@ -56,7 +57,8 @@ REFERENCES = [
 ]
 # Not found in a verifiable form: a SAC-Lag figure on SafetyPointGoal1-v0 (OmniSafe's off-policy tables cover only
 # the Velocity tasks) and any PPO-Lag / SAC-Lag figure on SafetyCarCircle1-v0 or SafetyCarRun-v0.
-BASELINES = ("ppo_lagrangian", "sac_lagrangian", "fsrl_cvpo")  # what CVPO is compared with, where present
+# what CVPO is compared with, where present
+BASELINES = ("ppo_lagrangian", "sac_lagrangian", "fsrl_cvpo", "cvpo_double_critic")
 
 
 def load_records(path):
@@ -160,7 +162,7 @@ def cvpo_bounds_table(runs):
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for run in runs:
         rounds = run["rounds"]
-        if run["algorithm"] != "cvpo" or not rounds or "mstep/kl_mu_max" not in rounds[-1]:
+        if not run["algorithm"].startswith("cvpo") or not rounds or "mstep/kl_mu_max" not in rounds[-1]:
             continue
         command = run["command"]
         bound = {flag: float(command[command.index(flag) + 1]) if flag in command else value
@@ -323,7 +325,7 @@ def reproduction_table(summaries):
     for task, summary in summaries.items():
         limit = summary["cost_limit"]
         for algorithm, cell in summary["cells"].items():
-            family = "cvpo" if algorithm == "fsrl_cvpo" else algorithm
+            family = "cvpo" if "cvpo" in algorithm else algorithm
             published = "; ".join(f"{ref['algorithm']}: {ref['return']} / {ref['cost']} ({ref['budget']})"
                                   for ref in REFERENCES if ref["env_id"] == task and ref["family"] == family)
             lines.append(
@@ -348,7 +350,8 @@ def against_baselines_table(summaries):
             theirs = cells[other]
             violations = seed_mean(ours["violations"]), seed_mean(theirs["violations"])
             reached = [sum(step is not None for step in cell["reach"]) for cell in (ours, theirs)]
-            rows.append(f"| {task} | {NAMES.get(other, other)} | "
+            unfinished = not all(run["done"] for run in ours["runs"] + theirs["runs"])
+            rows.append(f"| {task} | {NAMES.get(other, other)}{' (runs unfinished)' if unfinished else ''} | "
                         f"{side_by_side(seed_mean(ours['returns']), seed_mean(theirs['returns']))} | "
                         f"{side_by_side(seed_mean(ours['costs']), seed_mean(theirs['costs']))} | "
                         f"{side_by_side(seed_mean(ours['eval_returns']), seed_mean(theirs['eval_returns']))} | "

@@ -109,18 +109,26 @@ def test_fsrl_cells_run_the_driver_with_every_flag_our_scripts_get():
 
 
 def test_summary_puts_published_figures_beside_ours_and_compares_cvpo_with_each_baseline(tmp_path):
-    for algorithm, final_return, final_cost in (("cvpo", 500.0, 8.0), ("ppo_lagrangian", 450.0, 12.0)):
+    for algorithm, final_return, final_cost in (("cvpo", 500.0, 8.0), ("ppo_lagrangian", 450.0, 12.0),
+                                                ("cvpo_double_critic", 480.0, 6.0)):  # a variant of CVPO
         run_dir = tmp_path / "runs" / f"{algorithm}__SafetyCarRun-v0__1"
         run_dir.mkdir(parents=True)
         records = [{"global_step": 100 * i, "charts/episodic_return": final_return, "charts/episodic_cost": final_cost,
                     "charts/episodes_ended": 1, "charts/cost_violation": max(0.0, final_cost - 10), "charts/cost_limit": 10}
                    for i in range(1, 11)]
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        if algorithm != "cvpo_double_critic":
+            (run_dir / "DONE").write_text("")
     table = open(aggregate.main(["--results-dir", str(tmp_path), "--target-bins", "10"])).read()
     cvpo_row = next(line for line in table.splitlines() if line.startswith("| SafetyCarRun-v0 (10) | CVPO |"))
-    assert cvpo_row.endswith("| 500.0 | 8.0 | n/a | n/a | 0 | 0k (1/1) | CVPO: ~542 / ~11 (0.3M) |")
+    assert cvpo_row.endswith("| 1 (1) | 1,000 | 500.0 | 8.0 | n/a | n/a | 0 | 0k (1/1) | CVPO: ~542 / ~11 (0.3M) |")
     ppo_row = next(line for line in table.splitlines() if line.startswith("| SafetyCarRun-v0 (10) | PPO-Lag |"))
     assert ppo_row.endswith("| 20 | never (0/1) | — |")  # no published PPO-Lag figure on this task
     against = next(line for line in table.splitlines() if line.startswith("| SafetyCarRun-v0 | PPO-Lag |"))
     assert against == ("| SafetyCarRun-v0 | PPO-Lag | 500.0 vs 450.0 (+50.0) | 8.0 vs 12.0 (-4.0) | n/a | 0 / 20 | "
                        "1/1 against 0/1 |")
+    variant = next(line for line in table.splitlines()
+                   if line.startswith("| SafetyCarRun-v0 (10) | CVPO, --double-critic |"))
+    assert variant.endswith("| CVPO: ~542 / ~11 (0.3M) |")  # a variant gets its method's published figure
+    assert ("| SafetyCarRun-v0 | CVPO, --double-critic (runs unfinished) | 500.0 vs 480.0 (+20.0) | 8.0 vs 6.0 (+2.0) |"
+            in table)
