@@ -67,7 +67,8 @@ def parse_args(argv=None):
     parser.add_argument("--preset", help="a table of --suite-file (e.g. main, smoke); flags given here override it")
     parser.add_argument("--suite-file", default=os.path.join(BENCHMARKS_DIR, "suite.toml"))
     parser.add_argument("--algorithms", nargs="+",
-                        help="cvpo, ppo_lagrangian, sac_lagrangian (or a script path); fsrl_cvpo: FSRL's own CVPO")
+                        help="cvpo, ppo_lagrangian, sac_lagrangian (or a script path); fsrl_cvpo: FSRL's own CVPO; "
+                             "or a variant of --suite-file's [variants] table, e.g. cvpo_double_critic")
     parser.add_argument("--env-ids", nargs="+")
     parser.add_argument("--seeds", nargs="+", type=int)
     parser.add_argument("--total-timesteps", type=int, help="env steps per run (the preset may set one per task)")
@@ -90,9 +91,12 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
 
     config = dict(DEFAULTS)
-    if args.preset:
+    suite = {}
+    if args.preset or os.path.isfile(args.suite_file):
         with open(args.suite_file, "rb") as file:
             suite = tomllib.load(file)
+    config["variants"] = suite.pop("variants", {})
+    if args.preset:
         if args.preset not in suite:
             parser.error(f"no preset {args.preset!r} in {args.suite_file} (have: {', '.join(suite)})")
         config.update(suite[args.preset])
@@ -121,15 +125,20 @@ def make_jobs(config):
     for seed in config["seeds"]:  # seed-major, so every (algorithm, task) gets its first seed early
         for env_id in config["env_ids"]:
             for algorithm in config["algorithms"]:
-                command = [*script_command(algorithm), "--exp-name", algorithm, "--env-id", env_id, "--seed", str(seed),
+                base, variant_args = algorithm, []
+                if algorithm in config.get("variants", {}):  # the base algorithm's cell, then the variant's flags
+                    variant = config["variants"][algorithm]
+                    base, variant_args = variant["algorithm"], [*config["algo_args"].get(variant["algorithm"], []),
+                                                                *variant["args"]]
+                command = [*script_command(base), "--exp-name", algorithm, "--env-id", env_id, "--seed", str(seed),
                            "--total-timesteps", str(budget(config, env_id)), "--num-envs", str(config["num_envs"]),
                            "--cost-limit", str(config["cost_limit"]), "--save-model",
                            "--checkpoint-every", str(config["checkpoint_every"]),
                            "--eval-every", str(config["eval_every"]), "--eval-episodes", str(config["eval_episodes"]),
-                           *config["extra_args"], *config["algo_args"].get(algorithm, [])]
+                           *config["extra_args"], *variant_args, *config["algo_args"].get(algorithm, [])]
                 jobs.append({"key": run_key(algorithm, env_id, seed), "algorithm": algorithm, "env_id": env_id,
                              "seed": seed, "total_timesteps": budget(config, env_id), "command": command,
-                             "fsrl": algorithm in FSRL_ALGORITHMS})
+                             "fsrl": base in FSRL_ALGORITHMS})
     return jobs
 
 

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO_ROOT, "benchmarks"))
@@ -106,6 +108,19 @@ def test_fsrl_cells_run_the_driver_with_every_flag_our_scripts_get():
     driver = open(os.path.join(REPO_ROOT, "benchmarks", "fsrl_driver.py")).read()  # it imports torch: read, not import
     for flag in [token for token in fsrl["command"] if token.startswith("--")] + ["--resume"]:
         assert f'"{flag}"' in driver, flag
+
+
+def test_a_variant_runs_its_base_script_with_the_base_flags_then_its_own():
+    _, config = run_suite.parse_args(["--preset", "bullet", "--algorithms", "cvpo", "cvpo_double_critic",
+                                      "--env-ids", "SafetyCarRun-v0", "--seeds", "1",
+                                      "--algo-args", "cvpo_double_critic=--tau 0.01"])
+    base, variant = run_suite.make_jobs(config)
+    assert variant["key"] == "cvpo_double_critic__SafetyCarRun-v0__1" and not variant["fsrl"]
+    assert variant["command"][0] == base["command"][0] and variant["command"][0].endswith("cvpo_jax.py")
+    assert base["command"][-4:] == ["--gamma", "0.97", "--n-step", "2"]
+    assert variant["command"][3:] == base["command"][3:] + ["--double-critic", "--tau", "0.01"]
+    with pytest.raises(SystemExit):
+        run_suite.parse_args(["--preset", "variants"])  # the table of variants is not a preset
 
 
 def test_summary_puts_published_figures_beside_ours_and_compares_cvpo_with_each_baseline(tmp_path):
