@@ -74,14 +74,17 @@ def load_records(path):
 
 
 def wall_minutes(info):
-    """Wall-clock of all sessions of a run; a session still running counts up to now."""
+    """Wall-clock of all sessions of a run, and whether that is only a lower bound (a session whose runner was killed
+    before it recorded any time); a session still running counts up to now."""
     sessions = info.get("sessions") or []
     if not sessions:
-        return None
+        return None, False
     seconds = sum(s.get("seconds") or 0 for s in sessions)
+    unrecorded = [s for s in sessions if s.get("seconds") is None]
     if info.get("status") == "running" and sessions[-1].get("seconds") is None:
         seconds += time.time() - sessions[-1]["started"]
-    return seconds / 60
+        unrecorded.pop()
+    return seconds / 60, bool(unrecorded)
 
 
 def load_runs(results_dir):
@@ -97,6 +100,7 @@ def load_runs(results_dir):
             with open(os.path.join(runs_dir, key, "run.json")) as file:
                 info = json.load(file)
         records = load_records(metrics)
+        minutes, minutes_lower_bound = wall_minutes(info)
         episodes = [(r["global_step"], r["charts/episodic_return"], r["charts/episodic_cost"]) for r in records
                     if "charts/episodic_return" in r and "charts/episodic_cost" in r]
         evals = [r for r in records if "eval/episodic_return" in r]
@@ -112,7 +116,7 @@ def load_runs(results_dir):
                      "steps": max((r["global_step"] for r in records), default=0),
                      "total_timesteps": info.get("total_timesteps"),
                      "done": os.path.isfile(os.path.join(runs_dir, key, "DONE")),
-                     "wall_minutes": wall_minutes(info),
+                     "wall_minutes": minutes, "wall_minutes_lower_bound": minutes_lower_bound,
                      "cost_limit": limits[-1] if limits else None,
                      # logged since the runs of the reproduction presets; older runs have no per-episode violation
                      "cumulative_violation": float(np.sum(violations)) if violations else None})
@@ -389,7 +393,8 @@ def main(argv=None):
              f"Final return and cost: mean over the training episodes in the last {args.final_fraction:.0%} of each "
              "run's env steps, then mean ± std over seeds. Eval: the last evaluation of the deterministic policy "
              "(mean ± std over seeds). Steps: env steps reached (min over seeds) of the budget. Minutes: wall-clock "
-             "per run (mean over seeds; runs shared a 2-core machine with other jobs). Violation: the cumulative "
+             "per run (mean over seeds; runs shared a 2-core machine with other jobs; ≥: a session was killed before it "
+             "recorded its time). Violation: the cumulative "
              "constraint violation over training, the sum over training episodes of max(0, cost - limit) (n/a for "
              "runs that did not log it per episode). Steps to target: the env steps after which the training "
              f"episodes, averaged in {args.target_bins} equal bins of the run, keep at least the target return at a "
@@ -414,7 +419,8 @@ def main(argv=None):
         for algorithm, cell in summary["cells"].items():
             group = cell["runs"]
             minutes = [run["wall_minutes"] for run in group if run["wall_minutes"]]
-            minutes = f"{np.mean(minutes):.0f}" if minutes else "n/a"
+            lower_bound = "≥ " if any(run["wall_minutes_lower_bound"] for run in group) else ""
+            minutes = f"{lower_bound}{np.mean(minutes):.0f}" if minutes else "n/a"
             lines.append(
                 f"| {NAMES.get(algorithm, algorithm)} | {len(group)} ({sum(run['done'] for run in group)}) | "
                 f"{mean_std(cell['returns'])} | {mean_std(cell['costs'])} | {mean_std(cell['eval_returns'])} | "

@@ -290,13 +290,20 @@ class Runner:
         self.running[job["key"]] = (job, process, lock, time.time(), log)
         return True
 
+    def record_session(self, key, started, **session):
+        """The run's current session (its wall-clock so far, and what else is given) and the total into run.json."""
+        path = os.path.join(self.runs_dir, key, "run.json")
+        info = read_json(path, {"sessions": [{}]})
+        info["sessions"][-1].update({"seconds": time.time() - started, **session})
+        info["wall_seconds"] = sum(s.get("seconds") or 0 for s in info["sessions"])
+        write_json(path, info)
+        return info
+
     def finish(self, key, returncode):
         job, process, lock, started, log = self.running.pop(key)
         run_dir = os.path.join(self.runs_dir, key)
         sync_metrics(run_dir)
-        info = read_json(os.path.join(run_dir, "run.json"), {"sessions": [{}]})
-        info["sessions"][-1].update({"seconds": time.time() - started, "returncode": returncode})
-        info["wall_seconds"] = sum(s.get("seconds") or 0 for s in info["sessions"])
+        info = self.record_session(key, started, returncode=returncode)
         info["status"] = "done" if returncode == 0 else ("stopped" if self.stopping else "failed")
         write_json(os.path.join(run_dir, "run.json"), info)
         if returncode == 0:
@@ -344,8 +351,9 @@ class Runner:
                 time.sleep(0.5)
                 continue
             if time.time() - last_sync > 30:
-                for key in self.running:
+                for key, (job, process, lock, started, log) in self.running.items():
                     sync_metrics(os.path.join(self.runs_dir, key))
+                    self.record_session(key, started)  # a runner killed outright leaves this much on record
                 last_sync = time.time()
             states = {job["key"]: self.status(job) for job in jobs}
             runnable = [job for job in jobs if states[job["key"]] == "pending" and job["key"] not in self.running

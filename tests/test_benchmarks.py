@@ -147,3 +147,12 @@ def test_summary_puts_published_figures_beside_ours_and_compares_cvpo_with_each_
     assert variant.endswith("| CVPO: ~542 / ~11 (0.3M) |")  # a variant gets its method's published figure
     assert ("| SafetyCarRun-v0 | CVPO, --double-critic (runs unfinished) | 500.0 vs 480.0 (+20.0) | 8.0 vs 6.0 (+2.0) |"
             in table)
+
+
+def test_wall_minutes_is_marked_a_lower_bound_when_a_session_never_recorded_its_time():
+    finished = {"status": "done", "sessions": [{"started": 0.0, "seconds": 600.0}, {"started": 1.0, "seconds": 300.0}]}
+    assert aggregate.wall_minutes(finished) == (15.0, False)
+    killed = {"status": "done", "sessions": [{"started": 0.0, "seconds": None}, {"started": 1.0, "seconds": 300.0}]}
+    assert aggregate.wall_minutes(killed) == (5.0, True)
+    running = {"status": "running", "sessions": [{"started": 0.0, "seconds": 600.0}, {"started": 1.0, "seconds": None}]}
+    assert aggregate.wall_minutes(running)[1] is False  # the session under way counts up to now
