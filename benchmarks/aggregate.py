@@ -17,6 +17,7 @@ import re
 import shlex
 import sys
 import time
+import tomllib
 import warnings
 
 import matplotlib
@@ -25,11 +26,21 @@ matplotlib.use("Agg")
 import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from run_suite import read_metrics_records  # noqa: E402  (a sibling script: benchmarks/ is on sys.path)
+from run_suite import HEARTBEAT_SECONDS, read_metrics_records  # noqa: E402  (a sibling script: benchmarks/ is on sys.path)
 
 BENCHMARKS_DIR = os.path.dirname(os.path.abspath(__file__))
-NAMES = {"cvpo": "CVPO", "ppo_lagrangian": "PPO-Lag", "sac_lagrangian": "SAC-Lag", "fsrl_cvpo": "FSRL's CVPO",
-         "cvpo_double_critic": "CVPO, --double-critic"}  # a run directory's algorithm part may name a variant
+NAMES = {"cvpo": "CVPO", "ppo_lagrangian": "PPO-Lag", "sac_lagrangian": "SAC-Lag", "fsrl_cvpo": "FSRL's CVPO"}
+
+
+def suite_variants():
+    """suite.toml's variants (a run directory's algorithm part may name one): name -> (base algorithm, its flags)."""
+    with open(os.path.join(BENCHMARKS_DIR, "suite.toml"), "rb") as file:
+        return {name: (variant["algorithm"], variant["args"])
+                for name, variant in tomllib.load(file).get("variants", {}).items()}
+
+
+VARIANTS = suite_variants()
+NAMES.update({name: f"{NAMES[base]}, {' '.join(flags)}" for name, (base, flags) in VARIANTS.items()})
 
 # Published figures, each with its budget and source. Only numbers we could read or verify are listed. "env_id" and
 # "family" attach a figure to our cells (the same task and the same kind of method) in the reproduction summary.
@@ -57,8 +68,9 @@ REFERENCES = [
 ]
 # Not found in a verifiable form: a SAC-Lag figure on SafetyPointGoal1-v0 (OmniSafe's off-policy tables cover only
 # the Velocity tasks) and any PPO-Lag / SAC-Lag figure on SafetyCarCircle1-v0 or SafetyCarRun-v0.
-# what CVPO is compared with, where present
-BASELINES = ("ppo_lagrangian", "sac_lagrangian", "fsrl_cvpo", "cvpo_double_critic")
+# what CVPO is compared with, where present (every variant of CVPO among them)
+BASELINES = ("ppo_lagrangian", "sac_lagrangian", "fsrl_cvpo", *(name for name, (base, _) in VARIANTS.items()
+                                                                 if base == "cvpo"))
 
 
 def load_records(path):
@@ -73,18 +85,21 @@ def load_records(path):
     return records
 
 
-def wall_minutes(info):
-    """Wall-clock of all sessions of a run, and whether that is only a lower bound (a session whose runner was killed
-    before it recorded any time); a session still running counts up to now."""
+def wall_minutes(info, seconds_since_written):
+    """Wall-clock of all sessions of a run, and whether that is only a lower bound. A session without a return code
+    ended without its runner seeing the end (the runner was killed), so only the time recorded until then counts;
+    unless it is the last session of a run whose run.json the runner's heartbeat still updates: one under way."""
     sessions = info.get("sessions") or []
     if not sessions:
         return None, False
-    seconds = sum(s.get("seconds") or 0 for s in sessions)
-    unrecorded = [s for s in sessions if s.get("seconds") is None]
-    if info.get("status") == "running" and sessions[-1].get("seconds") is None:
-        seconds += time.time() - sessions[-1]["started"]
-        unrecorded.pop()
-    return seconds / 60, bool(unrecorded)
+    under_way = info.get("status") == "running" and seconds_since_written < 3 * HEARTBEAT_SECONDS
+    seconds, lower_bound = 0.0, False
+    for session in sessions[:-1] if under_way else sessions:
+        seconds += session.get("seconds") or 0
+        lower_bound |= session.get("returncode") is None
+    if under_way:
+        seconds += sessions[-1].get("seconds") or time.time() - sessions[-1]["started"]
+    return seconds / 60, lower_bound
 
 
 def load_runs(results_dir):
@@ -95,12 +110,13 @@ def load_runs(results_dir):
         metrics = os.path.join(runs_dir, key, "metrics.jsonl")
         if not match or not os.path.isfile(metrics):
             continue
-        info = {}
-        if os.path.isfile(os.path.join(runs_dir, key, "run.json")):
-            with open(os.path.join(runs_dir, key, "run.json")) as file:
+        info, run_json = {}, os.path.join(runs_dir, key, "run.json")
+        if os.path.isfile(run_json):
+            with open(run_json) as file:
                 info = json.load(file)
         records = load_records(metrics)
-        minutes, minutes_lower_bound = wall_minutes(info)
+        minutes, minutes_lower_bound = (wall_minutes(info, time.time() - os.path.getmtime(run_json)) if info
+                                        else (None, False))
         episodes = [(r["global_step"], r["charts/episodic_return"], r["charts/episodic_cost"]) for r in records
                     if "charts/episodic_return" in r and "charts/episodic_cost" in r]
         evals = [r for r in records if "eval/episodic_return" in r]
@@ -329,7 +345,8 @@ def reproduction_table(summaries):
     for task, summary in summaries.items():
         limit = summary["cost_limit"]
         for algorithm, cell in summary["cells"].items():
-            family = "cvpo" if "cvpo" in algorithm else algorithm
+            base = VARIANTS.get(algorithm, (algorithm,))[0]
+            family = "cvpo" if base in ("cvpo", "fsrl_cvpo") else base
             published = "; ".join(f"{ref['algorithm']}: {ref['return']} / {ref['cost']} ({ref['budget']})"
                                   for ref in REFERENCES if ref["env_id"] == task and ref["family"] == family)
             lines.append(
@@ -393,8 +410,8 @@ def main(argv=None):
              f"Final return and cost: mean over the training episodes in the last {args.final_fraction:.0%} of each "
              "run's env steps, then mean ± std over seeds. Eval: the last evaluation of the deterministic policy "
              "(mean ± std over seeds). Steps: env steps reached (min over seeds) of the budget. Minutes: wall-clock "
-             "per run (mean over seeds; runs shared a 2-core machine with other jobs; ≥: a session was killed before it "
-             "recorded its time). Violation: the cumulative "
+             "per run (mean over seeds; runs shared a 2-core machine with other jobs; ≥: the runner of a session was "
+             "killed, so the time it recorded is a lower bound). Violation: the cumulative "
              "constraint violation over training, the sum over training episodes of max(0, cost - limit) (n/a for "
              "runs that did not log it per episode). Steps to target: the env steps after which the training "
              f"episodes, averaged in {args.target_bins} equal bins of the run, keep at least the target return at a "

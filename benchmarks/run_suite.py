@@ -38,6 +38,7 @@ ALGORITHM_SCRIPTS = {"cvpo": "cvpo_jax.py", "ppo_lagrangian": "ppo_lagrangian_ja
 # (benchmarks/throughput.py creates it on first use) with the same flags as our scripts.
 FSRL_ALGORITHMS = {"fsrl_cvpo": "cvpo"}
 STOP_GRACE_SECONDS = 180  # after a stop request, runs still alive this long are killed
+HEARTBEAT_SECONDS = 30  # how often a running run's metrics and wall-clock are written to its directory
 DEFAULTS = {"algorithms": ["cvpo"], "env_ids": ["SafetyPointGoal1-v0"], "seeds": [1], "cost_limit": 25.0,
             "num_envs": 4, "checkpoint_every": 20_000, "eval_every": 50_000, "eval_episodes": 5,
             "total_timesteps": 100_000, "extra_args": [], "algo_args": {}}
@@ -68,7 +69,8 @@ def parse_args(argv=None):
     parser.add_argument("--suite-file", default=os.path.join(BENCHMARKS_DIR, "suite.toml"))
     parser.add_argument("--algorithms", nargs="+",
                         help="cvpo, ppo_lagrangian, sac_lagrangian (or a script path); fsrl_cvpo: FSRL's own CVPO; "
-                             "or a variant of --suite-file's [variants] table, e.g. cvpo_double_critic")
+                             "or a variant of --suite-file's [variants] table, e.g. cvpo_double_critic, which gets its "
+                             "base algorithm's flags (the preset's and --algo-args') and then its own")
     parser.add_argument("--env-ids", nargs="+")
     parser.add_argument("--seeds", nargs="+", type=int)
     parser.add_argument("--total-timesteps", type=int, help="env steps per run (the preset may set one per task)")
@@ -92,14 +94,22 @@ def parse_args(argv=None):
 
     config = dict(DEFAULTS)
     suite = {}
-    if args.preset or os.path.isfile(args.suite_file):
+    if os.path.isfile(args.suite_file):
         with open(args.suite_file, "rb") as file:
             suite = tomllib.load(file)
-    config["variants"] = suite.pop("variants", {})
+    elif args.preset or args.suite_file != parser.get_default("suite_file"):
+        parser.error(f"no suite file {args.suite_file}")
+    variants = suite.pop("variants", {})
+    for name, variant in variants.items():
+        if (variant.get("algorithm") not in {*ALGORITHM_SCRIPTS, *FSRL_ALGORITHMS} or
+                not isinstance(variant.get("args"), list) or not all(isinstance(a, str) for a in variant["args"])):
+            parser.error(f"variant {name!r} of {args.suite_file} needs algorithm = one of "
+                         f"{', '.join([*ALGORITHM_SCRIPTS, *FSRL_ALGORITHMS])} and args = a list of flags")
     if args.preset:
         if args.preset not in suite:
             parser.error(f"no preset {args.preset!r} in {args.suite_file} (have: {', '.join(suite)})")
         config.update(suite[args.preset])
+    config["variants"] = variants
     for name in ("algorithms", "env_ids", "seeds", "total_timesteps", "cost_limit", "num_envs", "checkpoint_every",
                  "eval_every", "eval_episodes"):
         if getattr(args, name) is not None:
@@ -290,12 +300,15 @@ class Runner:
         self.running[job["key"]] = (job, process, lock, time.time(), log)
         return True
 
-    def record_session(self, key, started, **session):
-        """The run's current session (its wall-clock so far, and what else is given) and the total into run.json."""
+    def record_session(self, key, started, returncode=None, status=None):
+        """The wall-clock of the run's current session so far (and, when it ended, its return code and the run's
+        status) and the total over sessions into run.json."""
         path = os.path.join(self.runs_dir, key, "run.json")
         info = read_json(path, {"sessions": [{}]})
-        info["sessions"][-1].update({"seconds": time.time() - started, **session})
+        info["sessions"][-1].update({"seconds": time.time() - started, "returncode": returncode})
         info["wall_seconds"] = sum(s.get("seconds") or 0 for s in info["sessions"])
+        if status is not None:
+            info["status"] = status
         write_json(path, info)
         return info
 
@@ -303,9 +316,8 @@ class Runner:
         job, process, lock, started, log = self.running.pop(key)
         run_dir = os.path.join(self.runs_dir, key)
         sync_metrics(run_dir)
-        info = self.record_session(key, started, returncode=returncode)
-        info["status"] = "done" if returncode == 0 else ("stopped" if self.stopping else "failed")
-        write_json(os.path.join(run_dir, "run.json"), info)
+        info = self.record_session(key, started, returncode,
+                                   "done" if returncode == 0 else ("stopped" if self.stopping else "failed"))
         if returncode == 0:
             with open(os.path.join(run_dir, "DONE"), "w") as file:
                 file.write(f"{time.ctime()}\n")
@@ -339,6 +351,11 @@ class Runner:
             for key, (job, process, *_rest) in list(self.running.items()):
                 if process.poll() is not None:
                     self.finish(key, process.returncode)
+            if time.time() - last_sync > HEARTBEAT_SECONDS:
+                for key, (job, process, lock, started, log) in self.running.items():
+                    sync_metrics(os.path.join(self.runs_dir, key))
+                    self.record_session(key, started)  # a runner killed outright leaves this much on record
+                last_sync = time.time()
             if self.stopping:
                 if not self.running:
                     return 1
@@ -350,11 +367,6 @@ class Runner:
                             pass
                 time.sleep(0.5)
                 continue
-            if time.time() - last_sync > 30:
-                for key, (job, process, lock, started, log) in self.running.items():
-                    sync_metrics(os.path.join(self.runs_dir, key))
-                    self.record_session(key, started)  # a runner killed outright leaves this much on record
-                last_sync = time.time()
             states = {job["key"]: self.status(job) for job in jobs}
             runnable = [job for job in jobs if states[job["key"]] == "pending" and job["key"] not in self.running
                         and self.failures.get(job["key"], 0) <= self.args.retry_failed

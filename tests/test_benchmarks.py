@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -111,14 +112,29 @@ def test_fsrl_cells_run_the_driver_with_every_flag_our_scripts_get():
 
 
 def test_a_variant_runs_its_base_script_with_the_base_flags_then_its_own():
-    _, config = run_suite.parse_args(["--preset", "bullet", "--algorithms", "cvpo", "cvpo_double_critic",
-                                      "--env-ids", "SafetyCarRun-v0", "--seeds", "1",
-                                      "--algo-args", "cvpo_double_critic=--tau 0.01"])
-    base, variant = run_suite.make_jobs(config)
-    assert variant["key"] == "cvpo_double_critic__SafetyCarRun-v0__1" and not variant["fsrl"]
-    assert variant["command"][0] == base["command"][0] and variant["command"][0].endswith("cvpo_jax.py")
-    assert base["command"][-4:] == ["--gamma", "0.97", "--n-step", "2"]
+    variants = {"cvpo_double_critic": {"algorithm": "cvpo", "args": ["--double-critic"]},
+                "fsrl_cvpo_k32": {"algorithm": "fsrl_cvpo", "args": ["--num-sampled-actions", "32"]}}
+    config = dict(run_suite.DEFAULTS, variants=variants, algorithms=["cvpo", "cvpo_double_critic", "fsrl_cvpo_k32"],
+                  extra_args=["--num-envs", "2"], algo_args={"cvpo": ["--gamma", "0.97"], "fsrl_cvpo": ["--n-step", "2"],
+                                                             "cvpo_double_critic": ["--tau", "0.01"]})
+    base, variant, fsrl_variant = run_suite.make_jobs(config)
+    assert variant["key"] == "cvpo_double_critic__SafetyPointGoal1-v0__1" and not variant["fsrl"]
+    assert variant["command"][:3] == [base["command"][0], "--exp-name", "cvpo_double_critic"]
+    assert base["command"][0].endswith("cvpo_jax.py") and base["command"][-4:] == ["--num-envs", "2", "--gamma", "0.97"]
     assert variant["command"][3:] == base["command"][3:] + ["--double-critic", "--tau", "0.01"]
+    assert fsrl_variant["fsrl"] and fsrl_variant["command"][0].endswith("fsrl_driver.py")
+    assert fsrl_variant["command"][-4:] == ["--n-step", "2", "--num-sampled-actions", "32"]
+
+
+@pytest.mark.parametrize("variant", ['{ algorithm = "cvpo2", args = [] }', '{ algorithm = "cvpo", args = "--x" }',
+                                     '{ algorithm = "cvpo" }'])
+def test_a_malformed_variant_or_a_missing_suite_file_is_refused_in_one_line(tmp_path, variant, capsys):
+    suite_file = tmp_path / "suite.toml"
+    suite_file.write_text(f"[variants]\nbad = {variant}\n[main]\nalgorithms = ['cvpo']\n")
+    for argv in (["--suite-file", str(suite_file)], ["--suite-file", str(tmp_path / "none.toml")]):
+        with pytest.raises(SystemExit):
+            run_suite.parse_args(argv)
+        assert capsys.readouterr().err.strip().splitlines()[-1].split(": error: ")[1]
     with pytest.raises(SystemExit):
         run_suite.parse_args(["--preset", "variants"])  # the table of variants is not a preset
 
@@ -149,10 +165,33 @@ def test_summary_puts_published_figures_beside_ours_and_compares_cvpo_with_each_
             in table)
 
 
-def test_wall_minutes_is_marked_a_lower_bound_when_a_session_never_recorded_its_time():
-    finished = {"status": "done", "sessions": [{"started": 0.0, "seconds": 600.0}, {"started": 1.0, "seconds": 300.0}]}
-    assert aggregate.wall_minutes(finished) == (15.0, False)
-    killed = {"status": "done", "sessions": [{"started": 0.0, "seconds": None}, {"started": 1.0, "seconds": 300.0}]}
-    assert aggregate.wall_minutes(killed) == (5.0, True)
-    running = {"status": "running", "sessions": [{"started": 0.0, "seconds": 600.0}, {"started": 1.0, "seconds": None}]}
-    assert aggregate.wall_minutes(running)[1] is False  # the session under way counts up to now
+def test_wall_minutes_is_a_lower_bound_where_a_runner_was_killed_and_counts_a_session_under_way_to_now():
+    ended = {"status": "done", "sessions": [{"started": 0.0, "seconds": 600.0, "returncode": 1},
+                                            {"started": 1.0, "seconds": 300.0, "returncode": 0}]}
+    assert aggregate.wall_minutes(ended, 1e6) == (15.0, False)
+    killed = {"status": "done", "sessions": [{"started": 0.0, "seconds": 120.0, "returncode": None},  # heartbeat
+                                             {"started": 1.0, "seconds": None, "returncode": None},  # none yet
+                                             {"started": 2.0, "seconds": 300.0, "returncode": 0}]}
+    assert aggregate.wall_minutes(killed, 1e6) == (7.0, True)
+    started = time.time() - 600
+    under_way = {"status": "running", "sessions": [{"started": 0.0, "seconds": 600.0, "returncode": 0},
+                                                   {"started": started, "seconds": None, "returncode": None}]}
+    minutes, lower_bound = aggregate.wall_minutes(under_way, 5.0)
+    assert 19.9 < minutes < 20.5 and not lower_bound
+    assert aggregate.wall_minutes(under_way, 1e6) == (10.0, True)  # its runner stopped writing long ago: killed
+
+
+def test_runner_records_the_session_time_while_a_run_is_under_way_and_its_end(tmp_path):
+    args, config = run_suite.parse_args(["--results-dir", str(tmp_path)])
+    runner = run_suite.Runner(args, config)
+    run_dir = tmp_path / "runs" / "cvpo__Task__1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.json").write_text(json.dumps({"status": "running", "sessions": [
+        {"started": 0.0, "seconds": 60.0, "returncode": 0}, {"started": time.time(), "seconds": None}]}))
+    runner.record_session("cvpo__Task__1", time.time() - 30)
+    info = json.loads((run_dir / "run.json").read_text())
+    assert 29 < info["sessions"][-1]["seconds"] < 40 and info["sessions"][-1]["returncode"] is None
+    assert 89 < info["wall_seconds"] < 100 and info["status"] == "running"
+    runner.record_session("cvpo__Task__1", time.time() - 45, returncode=0, status="done")
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["sessions"][-1]["returncode"] == 0 and info["status"] == "done" and 104 < info["wall_seconds"] < 115
