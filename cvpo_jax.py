@@ -116,8 +116,8 @@ class Args:
     """replay buffer capacity in transitions"""
     batch_size: int = 256
     """states per gradient update"""
-    learning_starts: int = 10_000
-    """env steps collected before the first update"""
+    learning_starts: Optional[int] = None
+    """env steps collected before the first update (computed at run time: one round, as FSRL's first collect)"""
     updates_per_step: float = 0.2
     """gradient updates per env step"""
     update_interval: Optional[int] = None
@@ -226,7 +226,7 @@ def validate_args(args):
         if getattr(args, name) is not None and not getattr(args, name) > 0:
             fail(f"{flag(name)} must be positive, got {getattr(args, name)}")
     for name in ("learning_starts", "eval_every", "estep_tolerance", "progress_every", "mstep_kl_std_floor"):
-        if getattr(args, name) < 0:
+        if getattr(args, name) is not None and getattr(args, name) < 0:
             fail(f"{flag(name)} must be non-negative, got {getattr(args, name)}")
     if not 0 < args.gamma < 1:
         fail(f"--gamma must be in (0, 1) (the cost threshold divides by 1 - gamma), got {args.gamma}")
@@ -914,6 +914,8 @@ def main(args):
             fail(f"{args.env_id} has no max_episode_steps; pass --episode-length for the cost threshold")
     if args.update_interval is None:
         args.update_interval = 10 * args.episode_length
+    if args.learning_starts is None:
+        args.learning_starts = args.update_interval
     if args.policy_state_window is None:
         args.policy_state_window = min(args.update_interval, args.buffer_size)
     probe_env.close()

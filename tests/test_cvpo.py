@@ -439,6 +439,15 @@ def test_interrupt_during_a_round_saves_a_state_and_step_that_agree(tmp_path):
     assert saved["state"]["actor"]["step"] == 1000 * rounds_done
 
 
+def test_the_first_update_comes_after_the_first_round_by_default(tmp_path):
+    # FSRL updates after its first collect of 10 episodes; a fixed warm-up of 10,000 steps was 50 episodes of the
+    # 200-step Bullet tasks acted by the untrained actor. The toy task's episodes are 20 steps: rounds of 200.
+    run_script("cvpo_jax.py", "--env-id", TOY_ENV, "--num-envs", 2, "--no-async-envs", "--batch-size", 32,
+               "--hidden-sizes", 16, "--eval-every", 0, "--eval-episodes", 1, "--total-timesteps", 600, cwd=tmp_path)
+    rounds = [r["global_step"] for r in read_metrics(only_run_dir(tmp_path)) if "estep/kl_q_pi_old" in r]
+    assert rounds == [200, 400, 600]
+
+
 TOY_FLAGS = ["--env-id", TOY_ENV, "--num-envs", 4, "--no-async-envs", "--learning-starts", 1000,
              "--update-interval", 200, "--gamma", 0.9, "--n-step", 1, "--batch-size", 128, "--hidden-sizes", 64, 64,
              "--eval-every", 0, "--eval-episodes", 2, "--total-timesteps", 16000]
