@@ -124,7 +124,8 @@ def load_runs(results_dir):
         violations = [r["charts/episodes_ended"] * r["charts/cost_violation"] for r in records
                       if "charts/cost_violation" in r]
         runs.append({"key": key, "algorithm": match[1], "task": match[2], "seed": int(match[3]),
-                     "rounds": [r for r in records if "estep/kl_q_pi_old" in r], "command": info.get("command", []),
+                     "rounds": [r for r in records if "estep/kl_q_pi_old" in r],
+                     "command": shlex.split(info.get("command", "")),
                      "cost_q": [(r["global_step"], r["charts/q_cost"]) for r in records if "charts/q_cost" in r],
                      "episode_lengths": [r["charts/episodic_length"] for r in records if "charts/episodic_length" in r],
                      "episodes": np.array(episodes, dtype=float).reshape(-1, 3),

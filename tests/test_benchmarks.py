@@ -195,3 +195,15 @@ def test_runner_records_the_session_time_while_a_run_is_under_way_and_its_end(tm
     runner.record_session("cvpo__Task__1", time.time() - 45, returncode=0, status="done")
     info = json.loads((run_dir / "run.json").read_text())
     assert info["sessions"][-1]["returncode"] == 0 and info["status"] == "done" and 104 < info["wall_seconds"] < 115
+
+
+def test_flags_in_a_runs_recorded_command_set_the_bounds_of_its_tables(tmp_path):
+    run_dir = tmp_path / "runs" / "sac_lagrangian__SafetyCarRun-v0__1"
+    run_dir.mkdir(parents=True)
+    records = [{"global_step": 100 * i, "charts/episodic_return": 1.0, "charts/episodic_cost": 2.0,
+                "charts/episodic_length": 200, "charts/q_cost": 3.0} for i in range(1, 11)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run_dir / "run.json").write_text(json.dumps({"command": "python sac_lagrangian_jax.py --gamma 0.9 --n-step 2"}))
+    table = open(aggregate.main(["--results-dir", str(tmp_path)])).read()
+    row = next(line for line in table.splitlines() if line.startswith("| sac_lagrangian__SafetyCarRun-v0__1 |"))
+    assert row.split(" | ")[4] == "10"  # the largest possible Q_c, 1 / (1 - gamma), with the run's own gamma
