@@ -128,6 +128,8 @@ class Args:
     """learn each round while the envs collect the next with the last finished actor (acting lags one round)"""
     hidden_sizes: tuple[int, ...] = (128, 128)
     """hidden layers of the actor and of each critic"""
+    mean_bound: float = 1.5
+    """the actor's mean stays inside the action box widened this many times about its centre (0: unbounded)"""
     double_critic: bool = False
     """two critics per signal: the E-step takes the min of the reward critics, the max of the cost critics"""
     critic_lr: float = 1e-3
@@ -225,6 +227,8 @@ def validate_args(args):
                  "eval_episodes", "checkpoint_every"):
         if getattr(args, name) is not None and not getattr(args, name) > 0:
             fail(f"{flag(name)} must be positive, got {getattr(args, name)}")
+    if args.mean_bound != 0 and not args.mean_bound >= 1:
+        fail(f"--mean-bound must be 0 (unbounded) or at least 1 (to reach the box's edges), got {args.mean_bound}")
     for name in ("learning_starts", "eval_every", "estep_tolerance", "progress_every", "mstep_kl_std_floor"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             fail(f"{flag(name)} must be non-negative, got {getattr(args, name)}")
@@ -487,10 +491,13 @@ LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
 
 
 class Actor(nn.Module):
-    """Diagonal Gaussian with a state-dependent standard deviation; the mean is unbounded."""
+    """Diagonal Gaussian with a state-dependent standard deviation. Its mean is unbounded, except on the dimensions
+    where mean_half_range is positive: there a tanh of slope 1 at mean_centre keeps it within mean_half_range of it."""
 
     action_dim: int
     hidden_sizes: tuple
+    mean_centre: Optional[tuple] = None
+    mean_half_range: Optional[tuple] = None
 
     @nn.compact
     def __call__(self, obs):
@@ -498,8 +505,21 @@ class Actor(nn.Module):
         for size in self.hidden_sizes:
             x = nn.relu(nn.Dense(size)(x))
         mean = nn.Dense(self.action_dim)(x)
+        if self.mean_half_range is not None:
+            centre, half_range = jnp.asarray(self.mean_centre), jnp.asarray(self.mean_half_range)
+            bounded = centre + half_range * jnp.tanh(mean / jnp.where(half_range > 0, half_range, 1.0))
+            mean = jnp.where(half_range > 0, bounded, mean)
         log_std = jnp.clip(nn.Dense(self.action_dim)(x), LOG_STD_MIN, LOG_STD_MAX)
         return mean, jnp.exp(log_std)
+
+
+def mean_bounds(action_low, action_high, mean_bound):
+    """The Actor's mean_centre and mean_half_range: the action box widened mean_bound times about its centre; a zero
+    half-range (an unbounded mean) where mean_bound is 0 or the box is infinite."""
+    finite = np.isfinite(action_low) & np.isfinite(action_high) & (mean_bound > 0)
+    low, high = np.where(finite, action_low, 0.0), np.where(finite, action_high, 0.0)
+    centre, half_range = (low + high) / 2, mean_bound * (high - low) / 2
+    return tuple(float(c) for c in centre), tuple(float(h) for h in half_range)
 
 
 class QNetwork(nn.Module):
@@ -777,6 +797,7 @@ def make_train_round(args, actor, critic, action_low, action_high, eps_cost):
             "losses/estep_dual": estep_dual(duals, q_reward, q_cost, args.estep_kl, eps_cost),
             "charts/estep_eta": duals[0], "charts/estep_lambda": duals[1], "estep/solver_iterations": iterations,
             "estep/kkt_residual": kkt_residual, "estep/infeasible": infeasible.astype(jnp.float32),
+            "estep/cost_temperature": cost_temperature,
             "estep/kl_q_pi_old": jnp.mean(jnp.sum(weights * (log_weights + jnp.log(args.num_sampled_actions)), axis=1)),
             "estep/q_cost": jnp.mean(jnp.sum(weights * q_cost, axis=1)), "estep/q_cost_pi_old": jnp.mean(q_cost),
             "estep/q_reward": jnp.mean(jnp.sum(weights * q_reward, axis=1)),
@@ -893,6 +914,7 @@ def main(args):
     checkpoint = None
     if args.resume or args.eval_checkpoint:
         checkpoint = load_checkpoint(args.resume or args.eval_checkpoint)
+        checkpoint["args"].setdefault("mean_bound", 0.0)  # checkpoints from before --mean-bound had an unbounded mean
         cli, defaults = vars(args), vars(Args())
         args = Args(**{**checkpoint["args"], "resume": args.resume, "eval_checkpoint": args.eval_checkpoint,
                        **{k: cli[k] for k in SESSION_FLAGS if cli[k] != defaults[k]}})
@@ -931,7 +953,7 @@ def main(args):
         return lambda: gym.wrappers.RecordVideo(thunk(), os.path.join(run_dir, "videos"), name_prefix=name,
                                                 episode_trigger=lambda _: True, disable_logger=True)
 
-    actor = Actor(action_dim, tuple(args.hidden_sizes))
+    actor = Actor(action_dim, tuple(args.hidden_sizes), *mean_bounds(action_low, action_high, args.mean_bound))
     critic = CriticEnsemble(tuple(args.hidden_sizes), 2 if args.double_critic else 1)
     eps_cost = cost_threshold(args.cost_limit, args.gamma, args.episode_length)
     updates = make_train_round(args, actor, critic, action_low, action_high, eps_cost)

@@ -185,10 +185,10 @@ def our_learner_ms(ks, batch_size, updates, solver):
     for k in ks:
         args = cvpo_jax.Args(num_sampled_actions=k, batch_size=batch_size, hidden_sizes=(128, 128),
                              estep_solver=solver, double_critic=False, estep_dual_max=1e5 if solver == "newton" else 20.0)
-        actor = cvpo_jax.Actor(action_dim, tuple(args.hidden_sizes))
+        low, high = -np.ones(action_dim, np.float32), np.ones(action_dim, np.float32)
+        actor = cvpo_jax.Actor(action_dim, tuple(args.hidden_sizes), *cvpo_jax.mean_bounds(low, high, args.mean_bound))
         critic = cvpo_jax.CriticEnsemble(tuple(args.hidden_sizes), 2 if args.double_critic else 1)
         eps_cost = cvpo_jax.cost_threshold(args.cost_limit, args.gamma, 1000)
-        low, high = -np.ones(action_dim, np.float32), np.ones(action_dim, np.float32)
         cvpo = cvpo_jax.make_train_round(args, actor, critic, low, high, eps_cost)
         state = cvpo.init_state(jax.random.PRNGKey(0), obs_dim, action_dim)
         batches = random_batches(rng, (updates, batch_size), obs_dim, action_dim)

@@ -286,6 +286,8 @@ def test_infeasible_estep_stays_inside_the_kl_ball():
     kl, cost = kl_and_cost(np.log(np.asarray(weights, np.float64) + 1e-300), q_cost)
     assert float(metrics["estep/infeasible"]) == 1.0
     assert kl <= EPS_KL * 1.01
+    least_cost = np.exp(-q_cost / float(metrics["estep/cost_temperature"]))
+    np.testing.assert_allclose(weights, least_cost / least_cost.sum(1, keepdims=True), rtol=1e-3, atol=1e-7)
     np.testing.assert_allclose(cost, least_cost_in_kl_ball(q_cost, EPS_KL), rtol=2e-3)
 
 
@@ -325,6 +327,62 @@ def test_train_round_keeps_the_multipliers_and_refreshes_pi_old_after_the_round(
     for old, new in zip(jax.tree.leaves(new_state.old_actor_params), jax.tree.leaves(new_state.actor.params)):
         np.testing.assert_array_equal(old, new)  # pi_old <- the updated actor after the round
     assert not np.allclose(jax.tree.leaves(new_state.actor.params)[0], jax.tree.leaves(state.actor.params)[0])
+
+
+def test_bounded_mean_stays_in_the_widened_box_and_is_the_identity_at_its_centre():
+    low, high = np.array([-1.0, 0.0, -np.inf], np.float32), np.array([1.0, 4.0, np.inf], np.float32)
+    bounded = cvpo_jax.Actor(3, (16,), *cvpo_jax.mean_bounds(low, high, 1.5))
+    unbounded = cvpo_jax.Actor(3, (16,))
+    params = jax.tree.map(lambda x: 50.0 * x, unbounded.init(jax.random.PRNGKey(0), jnp.zeros((1, 4))))
+    obs = 10.0 * jax.random.normal(jax.random.PRNGKey(1), (256, 4))
+    mean, raw_mean = bounded.apply(params, obs)[0], unbounded.apply(params, obs)[0]
+    assert np.abs(raw_mean[:, :2]).max() > 100  # the raw means reach far outside the box
+    assert np.all(np.abs(mean[:, 0]) <= 1.5) and np.all((-1.0 <= mean[:, 1]) & (mean[:, 1] <= 5.0))
+    np.testing.assert_array_equal(mean[:, 2], raw_mean[:, 2])  # an infinite box leaves its dimension unbounded
+    assert np.abs(mean[:, 0]).max() > 1.4 and mean[:, 1].max() > 4.8  # and the bounds are reached
+    # near the centre the squash is the identity, so small means learn as before
+    centre = jnp.array([0.0, 2.0, 0.0])
+    small = jax.tree.map(lambda x: x / 5000.0, params)
+    np.testing.assert_allclose(bounded.apply(small, obs)[0], centre + unbounded.apply(small, obs)[0], atol=1e-4)
+    assert cvpo_jax.mean_bounds(low, high, 0.0) == ((0.0, 0.0, 0.0), (0.0, 0.0, 0.0))
+
+
+class SaturatingCritic(nn.Module):
+    """Q_r(s, a) = a_0 and Q_c = 0, stacked like CriticEnsemble; the E-step feeds it clipped actions, so the reward
+    stops rising at the box's edge a_0 = 1."""
+
+    @nn.compact
+    def __call__(self, obs, action):
+        self.param("unused", nn.initializers.zeros, ())
+        return jnp.stack([action[..., 0] + 0 * obs[..., 0], jnp.zeros(action.shape[:-1])])
+
+
+@pytest.mark.parametrize("mean_bound", [0.0, 1.5])
+def test_a_saturating_reward_drives_an_unbounded_mean_out_of_the_box_and_a_bounded_one_to_its_edge(mean_bound):
+    """Samples beyond the edge all clip to it and share its value, those inside lose: q's mean lies beyond pi_old's
+    until every sample clips, so an unbounded mean runs out of the box with sigma shrinking behind it (the mechanism
+    of the one M-step breach in the Bullet runs); the bounded mean stops at its bound, past the edge it must reach."""
+    args = cvpo_jax.Args(num_sampled_actions=16, hidden_sizes=(16, 16), estep_dual_max=1e5, actor_lr=0.01,
+                         mean_bound=mean_bound)
+    low, high = np.array([-1.0], np.float32), np.array([1.0], np.float32)
+    actor = cvpo_jax.Actor(1, (16, 16), *cvpo_jax.mean_bounds(low, high, mean_bound))
+    updates = cvpo_jax.make_train_round(args, actor, SaturatingCritic(), low, high, 1.0)
+    state = updates.init_state(jax.random.PRNGKey(0), 2, 1)
+    obs = jax.random.uniform(jax.random.PRNGKey(1), (64, 2), minval=-1, maxval=1)
+    updates_in_round = 25
+    zeros = jnp.zeros((updates_in_round, 64))
+    batches = {"obs": jnp.broadcast_to(obs, (updates_in_round, 64, 2)), "actions": zeros[..., None],
+               "reward_return": zeros, "cost_return": zeros, "bootstrap_discount": zeros,
+               "bootstrap_obs": jnp.broadcast_to(obs, (updates_in_round, 64, 2)),
+               "policy_obs": jnp.broadcast_to(obs, (updates_in_round, 64, 2))}
+    for round_index in range(60):
+        state, metrics = updates.train_round(state, batches, jax.random.PRNGKey(10 + round_index))
+        assert float(metrics["mstep/kl_mu_max"]) <= args.mstep_kl_mu * (1 + 1e-4)
+    mean = np.asarray(actor.apply(state.actor.params, obs)[0][:, 0])
+    if mean_bound:
+        assert np.all(mean <= 1.5) and np.mean(mean) > 1.0
+    else:
+        assert np.mean(mean) > 1.8  # 2.2 here, and still rising
 
 
 def test_cost_threshold_is_the_discounted_cost_the_critic_estimates():
@@ -493,3 +551,9 @@ def test_policy_state_window_beyond_the_buffer_is_refused(tmp_path):
     result = run_script("cvpo_jax.py", "--buffer-size", 1000, "--policy-state-window", 2000, cwd=tmp_path, check=False)
     assert result.returncode != 0
     assert result.stderr.strip() == "error: --policy-state-window must be at most --buffer-size (1000), got 2000"
+
+
+def test_a_mean_bound_below_one_is_refused(tmp_path):
+    result = run_script("cvpo_jax.py", "--mean-bound", 0.5, cwd=tmp_path, check=False)
+    assert result.returncode != 0
+    assert result.stderr.strip() == "error: --mean-bound must be 0 (unbounded) or at least 1 (to reach the box's edges), got 0.5"
