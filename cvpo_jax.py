@@ -5,6 +5,7 @@ import dataclasses
 import difflib
 import io
 import json
+import math
 import os
 import pickle
 import signal
@@ -227,8 +228,8 @@ def validate_args(args):
                  "eval_episodes", "checkpoint_every"):
         if getattr(args, name) is not None and not getattr(args, name) > 0:
             fail(f"{flag(name)} must be positive, got {getattr(args, name)}")
-    if args.mean_bound != 0 and not args.mean_bound >= 1:
-        fail(f"--mean-bound must be 0 (unbounded) or at least 1 (to reach the box's edges), got {args.mean_bound}")
+    if args.mean_bound != 0 and not 1 <= args.mean_bound < math.inf:
+        fail(f"--mean-bound must be 0 (unbounded) or a finite number of at least 1 (the box itself), got {args.mean_bound}")
     for name in ("learning_starts", "eval_every", "estep_tolerance", "progress_every", "mstep_kl_std_floor"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             fail(f"{flag(name)} must be non-negative, got {getattr(args, name)}")
@@ -381,6 +382,14 @@ def save_checkpoint(path, checkpoint):
 def load_checkpoint(path):
     with open(path, "rb") as file:
         return pickle.load(file)
+
+
+def args_from_checkpoint(checkpoint, cli_args):
+    """The run's flags from its checkpoint, but for the session flags given on this command line."""
+    stored = {"mean_bound": 0.0, **checkpoint["args"]}  # checkpoints from before --mean-bound had an unbounded mean
+    cli, defaults = vars(cli_args), vars(Args())
+    return Args(**{**stored, "resume": cli_args.resume, "eval_checkpoint": cli_args.eval_checkpoint,
+                   **{k: cli[k] for k in SESSION_FLAGS if cli[k] != defaults[k]}})
 
 
 class ReplayBuffer:
@@ -797,11 +806,12 @@ def make_train_round(args, actor, critic, action_low, action_high, eps_cost):
             "losses/estep_dual": estep_dual(duals, q_reward, q_cost, args.estep_kl, eps_cost),
             "charts/estep_eta": duals[0], "charts/estep_lambda": duals[1], "estep/solver_iterations": iterations,
             "estep/kkt_residual": kkt_residual, "estep/infeasible": infeasible.astype(jnp.float32),
-            "estep/cost_temperature": cost_temperature,
             "estep/kl_q_pi_old": jnp.mean(jnp.sum(weights * (log_weights + jnp.log(args.num_sampled_actions)), axis=1)),
             "estep/q_cost": jnp.mean(jnp.sum(weights * q_cost, axis=1)), "estep/q_cost_pi_old": jnp.mean(q_cost),
             "estep/q_reward": jnp.mean(jnp.sum(weights * q_reward, axis=1)),
         }
+        if args.estep_solver == "newton":  # FSRL's solver has no least-cost temperature
+            metrics["estep/cost_temperature"] = cost_temperature
         state = state.replace(duals=jax.lax.stop_gradient(duals), cost_temperature=cost_temperature,
                               dual_opt_state=dual_opt_state)
         return state, sampled, jax.lax.stop_gradient(weights), metrics
@@ -914,10 +924,7 @@ def main(args):
     checkpoint = None
     if args.resume or args.eval_checkpoint:
         checkpoint = load_checkpoint(args.resume or args.eval_checkpoint)
-        checkpoint["args"].setdefault("mean_bound", 0.0)  # checkpoints from before --mean-bound had an unbounded mean
-        cli, defaults = vars(args), vars(Args())
-        args = Args(**{**checkpoint["args"], "resume": args.resume, "eval_checkpoint": args.eval_checkpoint,
-                       **{k: cli[k] for k in SESSION_FLAGS if cli[k] != defaults[k]}})
+        args = args_from_checkpoint(checkpoint, args)
         run_name = checkpoint["run_name"]
         run_dir = os.path.dirname(os.path.dirname(os.path.abspath(args.resume or args.eval_checkpoint)))
     else:

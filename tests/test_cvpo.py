@@ -547,13 +547,24 @@ def test_end_to_end_safety_point_goal_with_checkpoint_evaluation(tmp_path):
     np.testing.assert_allclose(evaluation["eval/episodic_return"], metrics[-1]["eval/episodic_return"], rtol=1e-4)
 
 
+def test_resume_keeps_the_checkpoints_mean_bound_and_an_old_checkpoint_stays_unbounded():
+    stored = vars(cvpo_jax.Args(mean_bound=2.0, total_timesteps=1000))
+    cli = cvpo_jax.Args(resume="checkpoint.pkl", mean_bound=1.0, total_timesteps=5000)
+    resumed = cvpo_jax.args_from_checkpoint({"args": stored}, cli)
+    assert resumed.mean_bound == 2.0 and resumed.total_timesteps == 5000 and resumed.resume == "checkpoint.pkl"
+    from_before_the_flag = {k: v for k, v in stored.items() if k != "mean_bound"}
+    assert cvpo_jax.args_from_checkpoint({"args": from_before_the_flag}, cli).mean_bound == 0.0
+
+
 def test_policy_state_window_beyond_the_buffer_is_refused(tmp_path):
     result = run_script("cvpo_jax.py", "--buffer-size", 1000, "--policy-state-window", 2000, cwd=tmp_path, check=False)
     assert result.returncode != 0
     assert result.stderr.strip() == "error: --policy-state-window must be at most --buffer-size (1000), got 2000"
 
 
-def test_a_mean_bound_below_one_is_refused(tmp_path):
-    result = run_script("cvpo_jax.py", "--mean-bound", 0.5, cwd=tmp_path, check=False)
+@pytest.mark.parametrize("mean_bound", ["0.5", "inf"])
+def test_a_mean_bound_below_one_or_infinite_is_refused(tmp_path, mean_bound):
+    result = run_script("cvpo_jax.py", "--mean-bound", mean_bound, cwd=tmp_path, check=False)
     assert result.returncode != 0
-    assert result.stderr.strip() == "error: --mean-bound must be 0 (unbounded) or at least 1 (to reach the box's edges), got 0.5"
+    assert result.stderr.strip() == ("error: --mean-bound must be 0 (unbounded) or a finite number of at least 1 "
+                                     f"(the box itself), got {float(mean_bound)}")
