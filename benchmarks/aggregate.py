@@ -11,6 +11,8 @@ then mean +- std over seeds per algorithm; the cost limit is a horizontal line o
 """
 
 import argparse
+import ast
+import functools
 import json
 import os
 import re
@@ -26,7 +28,7 @@ matplotlib.use("Agg")
 import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from run_suite import HEARTBEAT_SECONDS, read_metrics_records  # noqa: E402  (a sibling script: benchmarks/ is on sys.path)
+from run_suite import ALGORITHM_SCRIPTS, HEARTBEAT_SECONDS, read_metrics_records, script_path  # noqa: E402  (a sibling script: benchmarks/ is on sys.path)
 
 BENCHMARKS_DIR = os.path.dirname(os.path.abspath(__file__))
 NAMES = {"cvpo": "CVPO", "ppo_lagrangian": "PPO-Lag", "sac_lagrangian": "SAC-Lag", "fsrl_cvpo": "FSRL's CVPO"}
@@ -164,7 +166,32 @@ def steps_to_target(run, target_return, cost_limit, bins):
     return float(grid[first + 1])  # the end of the first bin of the streak
 
 
-CVPO_BOUNDS = {"--estep-kl": 0.02, "--mstep-kl-mu": 0.005, "--mstep-kl-sigma": 0.0005}  # cvpo_jax.py's defaults
+@functools.cache
+def script_defaults(algorithm):
+    """The literal defaults of an algorithm script's Args (flag -> value), read from its source without importing
+    it (a variant's, or a run named <algorithm>_<something> outside the suite's variants, are its algorithm's)."""
+    base = VARIANTS.get(algorithm, (algorithm, []))[0]
+    base = next((name for name in ALGORITHM_SCRIPTS if base == name or base.startswith(name + "_")), base)
+    with open(script_path(base)) as source:
+        tree = ast.parse(source.read())
+    args = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "Args")
+    defaults = {}
+    for field in args.body:
+        if isinstance(field, ast.AnnAssign) and field.value is not None:
+            try:
+                defaults["--" + field.target.id.replace("_", "-")] = ast.literal_eval(field.value)
+            except ValueError:  # not a literal, e.g. a default_factory
+                pass
+    return defaults
+
+
+def flag_value(run, flag):
+    """A run's value of a numeric flag: the last one its command gives (variants append theirs), else its script's
+    default."""
+    command = run["command"] + [""]
+    given = [command[i + 1] if word == flag else word.split("=", 1)[1]
+             for i, word in enumerate(command) if word == flag or word.startswith(flag + "=")]
+    return float(given[-1]) if given else float(script_defaults(run["algorithm"])[flag])
 
 
 def cvpo_bounds_table(runs):
@@ -185,9 +212,7 @@ def cvpo_bounds_table(runs):
         rounds = run["rounds"]
         if not run["algorithm"].startswith("cvpo") or not rounds or "mstep/kl_mu_max" not in rounds[-1]:
             continue
-        command = run["command"]
-        bound = {flag: float(command[command.index(flag) + 1]) if flag in command else value
-                 for flag, value in CVPO_BOUNDS.items()}
+        bound = {flag: flag_value(run, flag) for flag in ("--estep-kl", "--mstep-kl-mu", "--mstep-kl-sigma")}
         largest = lambda name: max(r[name] for r in rounds if name in r)
         second_half = [r for r in rounds if r["global_step"] >= run["steps"] / 2 and "bias/mc_cost_recent" in r]
         mc_cost = np.mean([r["bias/mc_cost_recent"] for r in second_half]) if second_half else 0.0
@@ -219,8 +244,7 @@ def sac_cost_critic_table(runs, max_cost_per_step=1.0):
     for run in runs:
         if run["algorithm"] != "sac_lagrangian" or not run["cost_q"]:
             continue
-        command = run["command"]
-        gamma = float(command[command.index("--gamma") + 1]) if "--gamma" in command else 0.995  # the default
+        gamma = flag_value(run, "--gamma")
         cost_q = np.array(run["cost_q"])
         episodes = run["episodes"][run["episodes"][:, 0] >= run["steps"] / 2]
         second_half_q = cost_q[cost_q[:, 0] >= run["steps"] / 2, 1].mean()

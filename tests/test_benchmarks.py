@@ -1,5 +1,6 @@
 """Smoke tests of benchmarks/: a tiny suite on the toy task, its aggregation, and the throughput script (ours only)."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -207,3 +208,20 @@ def test_flags_in_a_runs_recorded_command_set_the_bounds_of_its_tables(tmp_path)
     table = open(aggregate.main(["--results-dir", str(tmp_path)])).read()
     row = next(line for line in table.splitlines() if line.startswith("| sac_lagrangian__SafetyCarRun-v0__1 |"))
     assert row.split(" | ")[4] == "10"  # the largest possible Q_c, 1 / (1 - gamma), with the run's own gamma
+    (run_dir / "run.json").write_text(json.dumps({"command": "python sac_lagrangian_jax.py --n-step 2"}))
+    table = open(aggregate.main(["--results-dir", str(tmp_path)])).read()
+    row = next(line for line in table.splitlines() if line.startswith("| sac_lagrangian__SafetyCarRun-v0__1 |"))
+    assert row.split(" | ")[4] == "100"  # without the flag, the script's own default gamma 0.99
+
+
+@pytest.mark.parametrize("algorithm", ["cvpo", "ppo_lagrangian", "sac_lagrangian", "cvpo_double_critic"])
+def test_the_defaults_read_from_a_scripts_source_are_its_args_defaults(algorithm):
+    base = aggregate.VARIANTS.get(algorithm, (algorithm, []))[0]
+    spec = importlib.util.spec_from_file_location(f"{base}_script", run_suite.script_path(base))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = module.Args()
+    defaults = aggregate.script_defaults(algorithm)
+    assert {"--gamma", "--cost-limit", "--seed"} <= defaults.keys()
+    for flag, value in defaults.items():
+        assert getattr(args, flag[2:].replace("-", "_")) == value, flag
