@@ -131,8 +131,8 @@ class Args:
     """hidden layers of the actor and of each critic"""
     mean_bound: float = 1.5
     """the actor's mean stays inside the action box widened this many times about its centre (0: unbounded)"""
-    double_critic: bool = False
-    """two critics per signal: the E-step takes the min of the reward critics, the max of the cost critics"""
+    double_critic: bool = True
+    """two critics per signal, the E-step taking the reward pair's min and the cost pair's max (else one each, as FSRL)"""
     critic_lr: float = 1e-3
     """learning rate of the critics"""
     actor_lr: float = 5e-4
@@ -386,7 +386,8 @@ def load_checkpoint(path):
 
 def args_from_checkpoint(checkpoint, cli_args):
     """The run's flags from its checkpoint, but for the session flags given on this command line."""
-    stored = {"mean_bound": 0.0, **checkpoint["args"]}  # checkpoints from before --mean-bound had an unbounded mean
+    # checkpoints from before --mean-bound had an unbounded mean, and from before --double-critic one critic per signal
+    stored = {"mean_bound": 0.0, "double_critic": False, **checkpoint["args"]}
     cli, defaults = vars(cli_args), vars(Args())
     return Args(**{**stored, "resume": cli_args.resume, "eval_checkpoint": cli_args.eval_checkpoint,
                    **{k: cli[k] for k in SESSION_FLAGS if cli[k] != defaults[k]}})

@@ -113,16 +113,16 @@ def test_fsrl_cells_run_the_driver_with_every_flag_our_scripts_get():
 
 
 def test_a_variant_runs_its_base_script_with_the_base_flags_then_its_own():
-    variants = {"cvpo_double_critic": {"algorithm": "cvpo", "args": ["--double-critic"]},
+    variants = {"cvpo_single_critic": {"algorithm": "cvpo", "args": ["--no-double-critic"]},
                 "fsrl_cvpo_k32": {"algorithm": "fsrl_cvpo", "args": ["--num-sampled-actions", "32"]}}
-    config = dict(run_suite.DEFAULTS, variants=variants, algorithms=["cvpo", "cvpo_double_critic", "fsrl_cvpo_k32"],
+    config = dict(run_suite.DEFAULTS, variants=variants, algorithms=["cvpo", "cvpo_single_critic", "fsrl_cvpo_k32"],
                   extra_args=["--num-envs", "2"], algo_args={"cvpo": ["--gamma", "0.97"], "fsrl_cvpo": ["--n-step", "2"],
-                                                             "cvpo_double_critic": ["--tau", "0.01"]})
+                                                             "cvpo_single_critic": ["--tau", "0.01"]})
     base, variant, fsrl_variant = run_suite.make_jobs(config)
-    assert variant["key"] == "cvpo_double_critic__SafetyPointGoal1-v0__1" and not variant["fsrl"]
-    assert variant["command"][:3] == [base["command"][0], "--exp-name", "cvpo_double_critic"]
+    assert variant["key"] == "cvpo_single_critic__SafetyPointGoal1-v0__1" and not variant["fsrl"]
+    assert variant["command"][:3] == [base["command"][0], "--exp-name", "cvpo_single_critic"]
     assert base["command"][0].endswith("cvpo_jax.py") and base["command"][-4:] == ["--num-envs", "2", "--gamma", "0.97"]
-    assert variant["command"][3:] == base["command"][3:] + ["--double-critic", "--tau", "0.01"]
+    assert variant["command"][3:] == base["command"][3:] + ["--no-double-critic", "--tau", "0.01"]
     assert fsrl_variant["fsrl"] and fsrl_variant["command"][0].endswith("fsrl_driver.py")
     assert fsrl_variant["command"][-4:] == ["--n-step", "2", "--num-sampled-actions", "32"]
 
@@ -142,14 +142,14 @@ def test_a_malformed_variant_or_a_missing_suite_file_is_refused_in_one_line(tmp_
 
 def test_summary_puts_published_figures_beside_ours_and_compares_cvpo_with_each_baseline(tmp_path):
     for algorithm, final_return, final_cost in (("cvpo", 500.0, 8.0), ("ppo_lagrangian", 450.0, 12.0),
-                                                ("cvpo_double_critic", 480.0, 6.0)):  # a variant of CVPO
+                                                ("cvpo_single_critic", 480.0, 6.0)):  # a variant of CVPO
         run_dir = tmp_path / "runs" / f"{algorithm}__SafetyCarRun-v0__1"
         run_dir.mkdir(parents=True)
         records = [{"global_step": 100 * i, "charts/episodic_return": final_return, "charts/episodic_cost": final_cost,
                     "charts/episodes_ended": 1, "charts/cost_violation": max(0.0, final_cost - 10), "charts/cost_limit": 10}
                    for i in range(1, 11)]
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-        if algorithm != "cvpo_double_critic":
+        if algorithm != "cvpo_single_critic":
             (run_dir / "DONE").write_text("")
     table = open(aggregate.main(["--results-dir", str(tmp_path), "--target-bins", "10"])).read()
     cvpo_row = next(line for line in table.splitlines() if line.startswith("| SafetyCarRun-v0 (10) | CVPO |"))
@@ -160,9 +160,9 @@ def test_summary_puts_published_figures_beside_ours_and_compares_cvpo_with_each_
     assert against == ("| SafetyCarRun-v0 | PPO-Lag | 500.0 vs 450.0 (+50.0) | 8.0 vs 12.0 (-4.0) | n/a | 0 / 20 | "
                        "1/1 against 0/1 |")
     variant = next(line for line in table.splitlines()
-                   if line.startswith("| SafetyCarRun-v0 (10) | CVPO, --double-critic |"))
+                   if line.startswith("| SafetyCarRun-v0 (10) | CVPO, --no-double-critic |"))
     assert variant.endswith("| CVPO: ~542 / ~11 (0.3M) |")  # a variant gets its method's published figure
-    assert ("| SafetyCarRun-v0 | CVPO, --double-critic (runs unfinished) | 500.0 vs 480.0 (+20.0) | 8.0 vs 6.0 (+2.0) |"
+    assert ("| SafetyCarRun-v0 | CVPO, --no-double-critic (runs unfinished) | 500.0 vs 480.0 (+20.0) | 8.0 vs 6.0 (+2.0) |"
             in table)
 
 
@@ -214,7 +214,7 @@ def test_flags_in_a_runs_recorded_command_set_the_bounds_of_its_tables(tmp_path)
     assert row.split(" | ")[4] == "100"  # without the flag, the script's own default gamma 0.99
 
 
-@pytest.mark.parametrize("algorithm", ["cvpo", "ppo_lagrangian", "sac_lagrangian", "cvpo_double_critic"])
+@pytest.mark.parametrize("algorithm", ["cvpo", "ppo_lagrangian", "sac_lagrangian", "cvpo_single_critic"])
 def test_the_defaults_read_from_a_scripts_source_are_its_args_defaults(algorithm):
     base = aggregate.VARIANTS.get(algorithm, (algorithm, []))[0]
     spec = importlib.util.spec_from_file_location(f"{base}_script", run_suite.script_path(base))

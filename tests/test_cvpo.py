@@ -348,8 +348,8 @@ def test_bounded_mean_stays_in_the_widened_box_and_is_the_identity_at_its_centre
 
 
 class SaturatingCritic(nn.Module):
-    """Q_r(s, a) = a_0 and Q_c = 0, stacked like CriticEnsemble; the E-step feeds it clipped actions, so the reward
-    stops rising at the box's edge a_0 = 1."""
+    """Q_r(s, a) = a_0 and Q_c = 0, stacked like a CriticEnsemble of one critic per signal; the E-step feeds it clipped
+    actions, so the reward stops rising at the box's edge a_0 = 1."""
 
     @nn.compact
     def __call__(self, obs, action):
@@ -363,7 +363,7 @@ def test_a_saturating_reward_drives_an_unbounded_mean_out_of_the_box_and_a_bound
     until every sample clips, so an unbounded mean runs out of the box with sigma shrinking behind it (the mechanism
     of the one M-step breach in the Bullet runs); the bounded mean stops at its bound, past the edge it must reach."""
     args = cvpo_jax.Args(num_sampled_actions=16, hidden_sizes=(16, 16), estep_dual_max=1e5, actor_lr=0.01,
-                         mean_bound=mean_bound)
+                         mean_bound=mean_bound, double_critic=False)
     low, high = np.array([-1.0], np.float32), np.array([1.0], np.float32)
     actor = cvpo_jax.Actor(1, (16, 16), *cvpo_jax.mean_bounds(low, high, mean_bound))
     updates = cvpo_jax.make_train_round(args, actor, SaturatingCritic(), low, high, 1.0)
@@ -547,13 +547,15 @@ def test_end_to_end_safety_point_goal_with_checkpoint_evaluation(tmp_path):
     np.testing.assert_allclose(evaluation["eval/episodic_return"], metrics[-1]["eval/episodic_return"], rtol=1e-4)
 
 
-def test_resume_keeps_the_checkpoints_mean_bound_and_an_old_checkpoint_stays_unbounded():
-    stored = vars(cvpo_jax.Args(mean_bound=2.0, total_timesteps=1000))
-    cli = cvpo_jax.Args(resume="checkpoint.pkl", mean_bound=1.0, total_timesteps=5000)
+def test_resume_keeps_the_checkpoints_mean_bound_and_critics_and_an_old_checkpoint_keeps_its_own():
+    stored = vars(cvpo_jax.Args(mean_bound=2.0, double_critic=True, total_timesteps=1000))
+    cli = cvpo_jax.Args(resume="checkpoint.pkl", mean_bound=1.0, double_critic=False, total_timesteps=5000)
     resumed = cvpo_jax.args_from_checkpoint({"args": stored}, cli)
-    assert resumed.mean_bound == 2.0 and resumed.total_timesteps == 5000 and resumed.resume == "checkpoint.pkl"
-    from_before_the_flag = {k: v for k, v in stored.items() if k != "mean_bound"}
-    assert cvpo_jax.args_from_checkpoint({"args": from_before_the_flag}, cli).mean_bound == 0.0
+    assert resumed.mean_bound == 2.0 and resumed.double_critic and resumed.total_timesteps == 5000
+    assert resumed.resume == "checkpoint.pkl"
+    from_before_the_flags = {k: v for k, v in stored.items() if k not in ("mean_bound", "double_critic")}
+    resumed_old = cvpo_jax.args_from_checkpoint({"args": from_before_the_flags}, cvpo_jax.Args(resume="c.pkl"))
+    assert resumed_old.mean_bound == 0.0 and not resumed_old.double_critic  # unbounded, one critic per signal
 
 
 def test_policy_state_window_beyond_the_buffer_is_refused(tmp_path):
