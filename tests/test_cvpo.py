@@ -259,6 +259,19 @@ def test_twin_reward_critics_share_the_min_target_and_each_cost_critic_bootstrap
     np.testing.assert_array_equal(moved, [-1, -1, -1, 1])
 
 
+def test_estep_takes_the_min_of_the_reward_critics_and_the_max_of_the_cost_critics():
+    args = cvpo_jax.Args(double_critic=True, hidden_sizes=(16, 16), estep_dual_max=1e5)
+    updates = cvpo_jax.make_train_round(args, cvpo_jax.Actor(1, (16, 16)), ConstantCritics(), np.array([-1.0]),
+                                        np.array([1.0]), 10.0)
+    state = updates.init_state(jax.random.PRNGKey(0), 2, 1)
+    state = state.replace(critic=state.critic.replace(params={"params": {"value": jnp.array([1.0, 3.0, 2.0, 7.0])}}),
+                          target_critic_params={"params": {"value": jnp.full(4, 100.0)}})
+    _, _, weights, metrics = jax.jit(updates.estep)(state, jnp.zeros((8, 2)), jax.random.PRNGKey(1))
+    np.testing.assert_allclose(weights, 1 / args.num_sampled_actions, rtol=1e-5)  # every action alike: q = pi_old
+    np.testing.assert_allclose(metrics["estep/q_reward"], 1.0, rtol=1e-5)
+    np.testing.assert_allclose(metrics["estep/q_cost_pi_old"], 7.0, rtol=1e-5)  # the pessimistic cost critic
+
+
 def test_estep_samples_pi_old_weighs_with_the_online_critics_and_meets_both_bounds():
     _, actor, _, state, obs = known_setup(0.0)
     eps_cost = 0.8 * pi_old_cost(actor, state, obs)  # the reward pulls a_0 up, the cost bound holds it back
